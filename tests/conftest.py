@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_MARKET = {"symbols": ["AAA", "BBB"], "trading_days": 30, "plants_per_timeframe": 40}
+TINY_RUN_CONFIG = {
+    "ops": {
+        "chart_images": {"config": {
+            "n_windows": 60, "min_bars": 50, "max_bars": 60, "per_core_pattern": 4, "per_zero_shot_pattern": 2,
+            "near_miss_windows": 4, "block_days": 5, "timeframes": ["1m", "5m", "15m"], "plotly_share": 0.05,
+        }},
+        "vlm_dataset": {"config": {"min_per_core_pattern": 4}},
+    }
+}
+
+
+def tiny_resources(root, **market_overrides):
+    from vlm_resources import ArtifactStoreResource, ComputeResource, MarketDataResource
+
+    return {
+        "market": MarketDataResource(**(TINY_MARKET | market_overrides)),
+        "store": ArtifactStoreResource(root=str(root)),
+        "compute": ComputeResource(threads=2, device="cpu"),
+    }
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from vlm_assets.text_encoder import MiniLMEncoder
+
+    return MiniLMEncoder()

@@ -1,0 +1,80 @@
+"""`candle-vlm`: run the pipeline or open the Dagster UI with the project-local instance (./dagster.yaml)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _project_instance_env(project: Path) -> None:
+    """The same instance `dagster dev` gets from .env: ./dagster.yaml, state under ./.dagster_home."""
+    os.environ.setdefault("DAGSTER_HOME", str(project))
+    os.environ.setdefault("CANDLE_VLM_DAGSTER_STATE", str(project / ".dagster_home"))
+    Path(os.environ["CANDLE_VLM_DAGSTER_STATE"]).mkdir(parents=True, exist_ok=True)
+
+
+def _load_run_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def run(args: argparse.Namespace) -> int:
+    _project_instance_env(Path.cwd())
+    from dagster import DagsterInstance
+
+    from vlm_assets.definitions import defs
+    from vlm_resources import ArtifactStoreResource
+
+    job = defs.resolve_job_def(args.job)
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(run_config=_load_run_config(args.config), instance=instance,
+                                        raise_on_error=False)
+    failed = {"ERROR": [], "WARN": []}
+    for event in result.all_events:
+        check = event.asset_check_evaluation_data if event.event_type_value == "ASSET_CHECK_EVALUATION" else None
+        if check is not None and not check.passed:
+            failed[check.severity.value].append(f"{check.asset_key.to_user_string()}:{check.check_name}")
+    store = ArtifactStoreResource().store()
+    print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
+    for name in ("ohlcv_bars", "pattern_labels", "chart_images", "captions", "vlm_dataset"):
+        try:
+            print(f"  {name:15s} {store.current_version(name):24s} {store.path(name)}")
+        except FileNotFoundError:
+            print(f"  {name:15s} (not materialized)")
+    for severity, names in failed.items():
+        if names:
+            print(f"  failed {severity} checks: " + ", ".join(names))
+    print("  open the UI with: candle-vlm ui   (or `dagster dev` from the repository root)")
+    return 0 if result.success and not failed["ERROR"] else 1
+
+
+def ui(args: argparse.Namespace) -> int:
+    _project_instance_env(Path.cwd())
+    command = ["dagster", "dev", "-w", "workspace.yaml", "-p", str(args.port), "-h", args.host]
+    os.execvp(command[0], command)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="candle-vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="materialize the pipeline in-process, recorded in the project instance")
+    run_parser.add_argument("--job", default="main_job")
+    run_parser.add_argument("--config", help="YAML run config (ops: {asset_name: {config: {...}}}, resources: ...)")
+    run_parser.set_defaults(handler=run)
+    ui_parser = sub.add_parser("ui", help="start `dagster dev` (webserver + daemon) on this project")
+    ui_parser.add_argument("--port", type=int, default=3000)
+    ui_parser.add_argument("--host", default="127.0.0.1")
+    ui_parser.set_defaults(handler=ui)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

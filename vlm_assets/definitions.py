@@ -1,0 +1,29 @@
+"""The Dagster code location (workspace.yaml and `dagster dev` load `defs` from here)."""
+
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+
+from vlm_assets.pipeline.checks import DATA_CHECKS
+from vlm_assets.pipeline.data import captions, chart_images, ohlcv_bars, pattern_labels, vlm_dataset
+from vlm_resources import ArtifactStoreResource, ComputeResource, MarketDataResource
+
+DATA_ASSETS = [ohlcv_bars, pattern_labels, chart_images, captions, vlm_dataset]
+
+main_job = define_asset_job(
+    "main_job",
+    selection=AssetSelection.assets(*DATA_ASSETS),
+    description="The whole pipeline on the configured market data (the embedded synthetic market by default).",
+)
+
+
+def default_resources() -> dict:
+    return {"market": MarketDataResource(), "store": ArtifactStoreResource(), "compute": ComputeResource()}
+
+
+defs = Definitions(
+    assets=DATA_ASSETS,
+    asset_checks=DATA_CHECKS,
+    jobs=[main_job],
+    resources=default_resources(),
+    # torch steps already use every core; running steps one at a time in one process avoids oversubscription.
+    executor=in_process_executor,
+)

@@ -1,0 +1,131 @@
+"""Asset checks for the data assets. ERROR checks guard correctness; WARN checks flag thin or odd data."""
+
+
+import io
+
+import numpy as np
+import pandas as pd
+from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
+from PIL import Image
+
+from vlm_assets.dataset import LABEL_COLUMNS, SPLITS, leakage_violations
+from vlm_assets.labeling import ALL_PATTERNS, CORE_PATTERNS, NEUTRAL, label_bars
+from vlm_assets.market.timeframes import TIMEFRAMES, resample
+from vlm_assets.pipeline import metadata as md
+from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
+from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset
+from vlm_resources import ArtifactStoreResource, MarketDataResource
+
+ERROR, WARN = AssetCheckSeverity.ERROR, AssetCheckSeverity.WARN
+
+
+@asset_check(asset=ohlcv_bars, description="finite positive prices, low <= min(open, close) <= max(open, close) <= high, increasing timestamps")
+def ohlc_rules_hold(store: ArtifactStoreResource) -> AssetCheckResult:
+    broken = []
+    for (symbol, tf), frame in load_bars(store.store()).items():
+        o, h, l, c = (frame[k].to_numpy() for k in ("open", "high", "low", "close"))
+        bad = (~np.isfinite(frame[["open", "high", "low", "close", "volume"]].to_numpy()).all(axis=1) | (l <= 0)
+               | (l > np.minimum(o, c)) | (np.maximum(o, c) > h))
+        bad |= np.r_[False, np.diff(frame.index.asi8) <= 0]
+        if bad.any():
+            broken.append({"series": f"{symbol} {tf}", "bad_rows": int(bad.sum()), "first_bad": str(frame.index[bad][0])})
+    return AssetCheckResult(passed=not broken, severity=ERROR, metadata={"broken_series": MetadataValue.json(broken)})
+
+
+@asset_check(asset=ohlcv_bars, description="coarser timeframes equal the 1m bars resampled (they must agree)")
+def timeframes_agree(store: ArtifactStoreResource, market: MarketDataResource) -> AssetCheckResult:
+    import datetime as dt
+
+    bars = load_bars(store.store())
+    session = dt.time.fromisoformat(market.session_start)
+    mismatched = []
+    for (symbol, tf), frame in bars.items():
+        base = bars.get((symbol, "1m"))
+        if tf == "1m" or base is None:
+            continue
+        expected = resample(base, tf, session)
+        if len(expected) != len(frame) or not np.allclose(expected.to_numpy(), frame.to_numpy(), rtol=1e-12):
+            mismatched.append(f"{symbol} {tf}")
+    return AssetCheckResult(passed=not mismatched, severity=WARN,
+                            metadata={"mismatched_series": MetadataValue.json(mismatched)})
+
+
+@asset_check(asset=pattern_labels, description="every core pattern fires somewhere in the market data")
+def core_patterns_present(store: ArtifactStoreResource) -> AssetCheckResult:
+    totals = pd.Series(0, index=list(ALL_PATTERNS))
+    for frame in load_labels(store.store()).values():
+        totals += frame[list(ALL_PATTERNS)].sum()
+    missing = [p for p in CORE_PATTERNS if totals[p] == 0]
+    return AssetCheckResult(passed=not missing, severity=WARN,
+                            metadata={"missing": MetadataValue.json(missing), "bars_per_pattern": MetadataValue.json(totals.astype(int).to_dict())})
+
+
+def _dataset(store: ArtifactStoreResource, columns=None) -> pd.DataFrame:
+    return read_frame(store.store(), "vlm_dataset", "windows.parquet", columns=columns)
+
+
+@asset_check(asset=vlm_dataset, description="no bar of a window in one split lies in a window of another split")
+def no_split_leakage(store: ArtifactStoreResource) -> AssetCheckResult:
+    leaks = leakage_violations(_dataset(store, ["window_id", "symbol", "split", "span_start", "span_end"]))
+    return AssetCheckResult(passed=leaks.empty, severity=ERROR,
+                            metadata={"overlapping_pairs": len(leaks), "examples": md.table(leaks.head(10)) if len(leaks) else "none"})
+
+
+@asset_check(asset=vlm_dataset, description="every core pattern has at least the configured number of windows")
+def min_count_per_core_pattern(store: ArtifactStoreResource) -> AssetCheckResult:
+    artifacts = store.store()
+    card = artifacts.read_json(f"vlm_dataset/{artifacts.current_version('vlm_dataset')}/card.json")
+    windows = _dataset(store, list(CORE_PATTERNS))
+    counts = windows.sum().astype(int)
+    short = {p: int(n) for p, n in counts.items() if n < card["min_per_core_pattern"]}
+    return AssetCheckResult(passed=not short, severity=ERROR,
+                            metadata={"minimum": card["min_per_core_pattern"], "below_minimum": MetadataValue.json(short),
+                                      "counts": MetadataValue.json(counts.to_dict())})
+
+
+@asset_check(asset=vlm_dataset, description="labels re-derived from the stored bars agree with the dataset (sample)")
+def labels_rederived_agree(store: ArtifactStoreResource) -> AssetCheckResult:
+    windows = _dataset(store, ["window_id", "symbol", "timeframe", "pos", "n_bars", *LABEL_COLUMNS])
+    sample = windows.sample(n=min(200, len(windows)), random_state=0)
+    bars = load_bars(store.store(), timeframes=tuple(sorted(sample["timeframe"].unique())))
+    disagree = []
+    for row in sample.itertuples(index=False):
+        pos = int(row.pos)
+        window = bars[(row.symbol, row.timeframe)].iloc[pos - int(row.n_bars) + 1: pos + 1]
+        fresh = label_bars(window).iloc[-1]
+        differing = [p for p in LABEL_COLUMNS if bool(fresh[p]) != bool(getattr(row, p))]
+        if differing:
+            disagree.append({"window_id": row.window_id, "labels": differing})
+    return AssetCheckResult(passed=not disagree, severity=ERROR,
+                            metadata={"checked": len(sample), "disagreeing": MetadataValue.json(disagree[:20])})
+
+
+@asset_check(asset=vlm_dataset, description="every image decodes as a PNG of the configured size")
+def images_decode(store: ArtifactStoreResource) -> AssetCheckResult:
+    windows = _dataset(store, ["window_id", "png"])
+    failures = []
+    sizes = set()
+    for window_id, png in zip(windows["window_id"], windows["png"]):
+        try:
+            with Image.open(io.BytesIO(png)) as image:
+                image.load()
+                sizes.add(image.size)
+        except Exception as exc:
+            failures.append({"window_id": window_id, "error": str(exc)})
+    return AssetCheckResult(passed=not failures and len(sizes) == 1, severity=ERROR,
+                            metadata={"images": len(windows), "sizes": MetadataValue.json(sorted(map(list, sizes))),
+                                      "failures": MetadataValue.json(failures[:20])})
+
+
+@asset_check(asset=vlm_dataset, description="neutral windows are at least 15% and every split holds every core pattern")
+def balance_is_usable(store: ArtifactStoreResource) -> AssetCheckResult:
+    windows = _dataset(store, ["split", NEUTRAL, *CORE_PATTERNS])
+    neutral_share = float(windows[NEUTRAL].mean())
+    per_split = windows.groupby("split")[list(CORE_PATTERNS)].sum()
+    missing = [f"{s}:{p}" for s in SPLITS for p in CORE_PATTERNS if s not in per_split.index or per_split.loc[s, p] == 0]
+    return AssetCheckResult(passed=neutral_share >= 0.15 and not missing, severity=WARN,
+                            metadata={"neutral_share": neutral_share, "missing_split_patterns": MetadataValue.json(missing)})
+
+
+DATA_CHECKS = [ohlc_rules_hold, timeframes_agree, core_patterns_present, no_split_leakage, min_count_per_core_pattern,
+               labels_rederived_agree, images_decode, balance_is_usable]
