@@ -25,22 +25,26 @@ FLOORS = {"pairs": 5000, "per_core_pattern": 300, "neutral_share": 0.15, "build_
 
 
 def build(root: Path) -> dict:
-    from dagster import materialize
+    from dagster import DagsterInstance, materialize
 
     from vlm_assets.definitions import DATA_ASSETS, default_resources
     from vlm_assets.pipeline.checks import DATA_CHECKS
     from vlm_resources import ArtifactStoreResource
 
     resources = default_resources() | {"store": ArtifactStoreResource(root=str(root))}
+    instance = DagsterInstance.ephemeral()
     started = time.perf_counter()
-    result = materialize([*DATA_ASSETS, *DATA_CHECKS], resources=resources)
+    result = materialize([*DATA_ASSETS, *DATA_CHECKS], resources=resources, instance=instance)
     total = time.perf_counter() - started
     steps, starts = {}, {}
-    for event in result.all_events:
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
         if event.event_type_value == "STEP_START":
-            starts[event.step_key] = event.timestamp
+            starts[event.step_key] = entry.timestamp
         elif event.event_type_value == "STEP_SUCCESS" and event.step_key in starts:
-            steps[event.step_key] = event.timestamp - starts[event.step_key]
+            steps[event.step_key] = entry.timestamp - starts[event.step_key]
     checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
               for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     return {"success": result.success, "seconds": total,
