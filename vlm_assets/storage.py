@@ -21,6 +21,13 @@ from upath import UPath
 CURRENT_POINTER = "CURRENT"
 
 
+def parquet_bytes(frame: pd.DataFrame) -> bytes:
+    """Parquet with fixed settings (zstd, fixed row groups, no index) so equal frames give equal bytes."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer, compression="zstd", row_group_size=65536)
+    return buffer.getvalue()
+
+
 class ArtifactStore:
     def __init__(self, root: str | os.PathLike):
         self.root = UPath(root)
@@ -76,11 +83,7 @@ class ArtifactStore:
         return json.loads(self.read_bytes(rel))
 
     def write_parquet(self, rel: str, frame: pd.DataFrame) -> UPath:
-        buffer = io.BytesIO()
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        # Row groups of fixed size and no pandas metadata timestamps keep the bytes reproducible.
-        pq.write_table(table, buffer, compression="zstd", row_group_size=65536, write_statistics=True)
-        return self.write_bytes(rel, buffer.getvalue())
+        return self.write_bytes(rel, parquet_bytes(frame))
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pd.DataFrame:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), columns=columns).to_pandas()

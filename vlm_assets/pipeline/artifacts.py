@@ -6,19 +6,8 @@ import pandas as pd
 
 from vlm_assets.market.tables import from_table, to_table
 from vlm_assets.market.timeframes import TIMEFRAMES
-from vlm_assets.storage import ArtifactStore
+from vlm_assets.storage import ArtifactStore, parquet_bytes
 from vlm_assets.versioning import content_hash
-
-
-def parquet_bytes(frame: pd.DataFrame) -> bytes:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer, compression="zstd", row_group_size=65536)
-    return buffer.getvalue()
 
 
 def write_version(store: ArtifactStore, name: str, files: dict[str, bytes], extra_hash: str = "") -> str:
@@ -39,13 +28,7 @@ def bars_files(bars: dict[tuple[str, str], pd.DataFrame]) -> dict[str, bytes]:
 
 
 def load_bars(store: ArtifactStore, timeframes=TIMEFRAMES) -> dict[tuple[str, str], pd.DataFrame]:
-    version = store.current_version("ohlcv_bars")
-    out = {}
-    for tf in timeframes:
-        rel = f"ohlcv_bars/{version}/bars_{tf}.parquet"
-        if store.exists(rel):
-            out.update(from_table(store.read_parquet(rel), tf))
-    return out
+    return _load_series(store, "ohlcv_bars", "bars", timeframes)
 
 
 def load_plants(store: ArtifactStore) -> pd.DataFrame | None:
@@ -54,10 +37,15 @@ def load_plants(store: ArtifactStore) -> pd.DataFrame | None:
 
 
 def load_labels(store: ArtifactStore, timeframes=TIMEFRAMES) -> dict[tuple[str, str], pd.DataFrame]:
-    version = store.current_version("pattern_labels")
+    return _load_series(store, "pattern_labels", "labels", timeframes)
+
+
+def _load_series(store: ArtifactStore, name: str, prefix: str, timeframes) -> dict[tuple[str, str], pd.DataFrame]:
+    """{(symbol, timeframe): frame} from the current version's `<prefix>_<timeframe>.parquet` tables."""
+    version = store.current_version(name)
     out = {}
     for tf in timeframes:
-        rel = f"pattern_labels/{version}/labels_{tf}.parquet"
+        rel = f"{name}/{version}/{prefix}_{tf}.parquet"
         if store.exists(rel):
             out.update(from_table(store.read_parquet(rel), tf))
     return out

@@ -10,7 +10,7 @@ from PIL import Image
 
 from vlm_assets.dataset import LABEL_COLUMNS, SPLITS, leakage_violations
 from vlm_assets.labeling import ALL_PATTERNS, CORE_PATTERNS, NEUTRAL, label_bars
-from vlm_assets.market.timeframes import TIMEFRAMES, resample
+from vlm_assets.market.timeframes import resample
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
 from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset

@@ -1,10 +1,8 @@
 """Data assets: ohlcv_bars -> pattern_labels -> chart_images -> captions -> vlm_dataset."""
 
 
-import io
 import json
 
-import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -18,8 +16,9 @@ from vlm_assets.labeling import ALL_PATTERNS, CORE_PATTERNS, NEUTRAL, label_bars
 from vlm_assets.market.timeframes import TIMEFRAMES
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import (
-    bars_files, load_bars, load_labels, load_plants, parquet_bytes, read_frame, write_version,
+    bars_files, load_bars, load_labels, load_plants, read_frame, write_version,
 )
+from vlm_assets.storage import parquet_bytes
 from vlm_assets.versioning import content_hash, stable_json
 from vlm_resources import ArtifactStoreResource, ComputeResource, MarketDataResource
 
