@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from vlm_assets.labeling import ALL_PATTERNS, CORE_PATTERNS, NEUTRAL, ZERO_SHOT_PATTERNS
-from vlm_assets.market.timeframes import HIGHER_TIMEFRAME, TIMEFRAMES, bar_end
+from vlm_assets.market.timeframes import HIGHER_TIMEFRAME, TIMEFRAMES, bar_end, resample
 from vlm_assets.versioning import stable_json, stable_rng
 
 SPLITS = ("train", "val", "test")
@@ -245,20 +245,12 @@ def series_key(symbol: str, timeframe: str) -> str:
 
 
 def window_slices(windows: pd.DataFrame, bars: dict[tuple[str, str], pd.DataFrame],
-                  origins: dict[str, pd.Timestamp], config: WindowSamplingConfig):
-    """Yield (row, window bars, higher-timeframe panel bars) for every window, in table order."""
-    from vlm_assets.market.timeframes import resample
-
-    weekly: dict[str, pd.DataFrame] = {}
+                  origins: dict[str, pd.Timestamp], config: WindowSamplingConfig | None):
+    """Yield (row, window bars, higher-timeframe panel bars) for every window, in table order.
+    Without a sampling config no panel is computed (the third item is None)."""
     for (symbol, timeframe), group in windows.groupby(["symbol", "timeframe"], sort=False):
         series = bars[(symbol, timeframe)]
-        htf = HIGHER_TIMEFRAME[timeframe]
-        if htf == "1w":
-            if symbol not in weekly:
-                weekly[symbol] = resample(bars[(symbol, "1d")], "1w")
-            htf_series = weekly[symbol]
-        else:
-            htf_series = bars.get((symbol, htf))
+        htf_series = higher_timeframe_series(bars, symbol, timeframe) if config is not None else None
         ends = pd.DatetimeIndex(series.index[group["pos"].to_numpy()])
         if htf_series is not None and len(htf_series):
             first, last = htf_panel_positions(ends, timeframe, htf_series, origins[symbol], config)
@@ -269,6 +261,15 @@ def window_slices(windows: pd.DataFrame, bars: dict[tuple[str, str], pd.DataFram
             window = series.iloc[pos - int(row["n_bars"]) + 1: pos + 1]
             panel = htf_series.iloc[lo:hi] if htf_series is not None and hi > lo else None
             yield row, window, panel
+
+
+def higher_timeframe_series(bars: dict[tuple[str, str], pd.DataFrame], symbol: str, timeframe: str) -> pd.DataFrame | None:
+    """The series drawn in a window's higher-timeframe panel (weekly bars are resampled from daily on demand)."""
+    htf = HIGHER_TIMEFRAME[timeframe]
+    if htf == "1w":
+        daily = bars.get((symbol, "1d"))
+        return resample(daily, "1w") if daily is not None else None
+    return bars.get((symbol, htf))
 
 
 def span_of(window: pd.DataFrame, panel: pd.DataFrame | None, timeframe: str) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -290,15 +291,12 @@ def symbol_origins(bars: dict[tuple[str, str], pd.DataFrame]) -> dict[str, pd.Ti
 def all_candidates(bars: dict[tuple[str, str], pd.DataFrame], labels: dict[tuple[str, str], pd.DataFrame],
                    config: WindowSamplingConfig) -> pd.DataFrame:
     """Possible window ends over every series of the configured timeframes."""
-    from vlm_assets.market.timeframes import resample
-
     origins = symbol_origins(bars)
     parts = []
     for (symbol, timeframe), series in sorted(bars.items()):
         if timeframe not in config.timeframes or (symbol, timeframe) not in labels:
             continue
-        htf = HIGHER_TIMEFRAME[timeframe]
-        htf_series = resample(bars[(symbol, "1d")], "1w") if htf == "1w" and (symbol, "1d") in bars else bars.get((symbol, htf))
+        htf_series = higher_timeframe_series(bars, symbol, timeframe)
         part = candidate_ends(series, labels[(symbol, timeframe)], origins[symbol], config, htf_series, timeframe)
         if part.empty:
             continue

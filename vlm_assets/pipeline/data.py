@@ -231,7 +231,7 @@ def captions(context: AssetExecutionContext, config: CaptionsConfig, store: Arti
     labels = load_labels(artifacts, timeframes=tuple(sorted(windows["timeframe"].unique())))
 
     def items():
-        for row, window, _ in window_slices(windows, bars, symbol_origins(bars), WindowSamplingConfig()):
+        for row, window, _ in window_slices(windows, bars, symbol_origins(bars), None):
             pos = int(row["pos"])
             yield row["window_id"], window, labels[(row["symbol"], row["timeframe"])].iloc[pos - 2: pos + 1], row["timeframe"]
 
