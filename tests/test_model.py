@@ -81,3 +81,15 @@ def test_bad_model_requests_are_clear_errors(tmp_path):
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
     assert resolve_device("auto") in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("name", [CHARTCLIP_S, "ViT-S-32"])
+def test_cutting_padding_changes_no_text_embedding(name):
+    clip = create(ModelSpec(name), device="cpu")
+    texts = ["hammer", "a candle with a small body near the top of the range and a long lower shadow after a decline"]
+    with torch.no_grad():
+        full = clip.model.encode_text(clip.tokenizer(texts), normalize=True)
+        cut = clip.encode_texts(texts)
+    if name == CHARTCLIP_S:  # the HF tower is cut; open_clip's own text transformer keeps its full context
+        assert clip.tokenize(texts).shape[1] < clip.tokenizer(texts).shape[1]
+    assert torch.allclose(cut, full, atol=1e-5)

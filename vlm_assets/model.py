@@ -88,6 +88,16 @@ class ChartCLIP:
     spec: ModelSpec
     device: str
 
+    @property
+    def embed_dim(self) -> int:
+        import torch
+
+        output_dim = getattr(self.model.visual, "output_dim", None)
+        if output_dim is None:
+            with torch.no_grad():
+                output_dim = self.encode_texts(["a"]).shape[-1]
+        return int(output_dim)
+
     def encode_images(self, images, normalize: bool = True):
         """PIL images or PNG bytes -> (n, embed_dim) tensor."""
         import torch
@@ -99,13 +109,26 @@ class ChartCLIP:
         return self.model.encode_image(batch, normalize=normalize)
 
     def encode_texts(self, texts: list[str], normalize: bool = True):
-        return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=normalize)
+        return self.model.encode_text(self.tokenize(texts), normalize=normalize)
+
+    def tokenize(self, texts: list[str]):
+        """Token ids; for an HF text tower cut after the longest text: the tokenizer pads to the full context and
+        the tower masks padding (pad id 0), so the cut changes no output, only the cost. open_clip's own text
+        transformer needs the full context."""
+        from open_clip.hf_model import HFTextEncoder
+
+        tokens = self.tokenizer(texts)
+        if isinstance(getattr(self.model, "text", None), HFTextEncoder) and len(tokens):
+            tokens = tokens[:, :max(1, int((tokens != 0).sum(dim=1).max()))]
+        return tokens.to(self.device)
 
 
-def create(spec: ModelSpec = ModelSpec(), device: str = "auto") -> ChartCLIP:
+def create(spec: ModelSpec = ModelSpec(), device: str = "auto", seed: int = 0) -> ChartCLIP:
     """Build the model (text tower weights from the offline MiniLM for ChartCLIP-S; `spec.pretrained` loads a tag or
-    a .safetensors/.pt checkpoint, the latter with weights_only=True)."""
+    a .safetensors/.pt checkpoint, the latter with weights_only=True). Randomly initialized weights come from
+    `seed`, without touching the caller's random state."""
     import open_clip
+    import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_model_configs()
@@ -115,22 +138,30 @@ def create(spec: ModelSpec = ModelSpec(), device: str = "auto") -> ChartCLIP:
             spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
         raise ValueError(f"pretrained {spec.pretrained!r} is neither a file nor a known tag of {spec.name}")
     device = resolve_device(device)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.name, pretrained=spec.pretrained, device=device, weights_only=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=spec.pretrained, device=device, weights_only=True)
     return ChartCLIP(model=model.eval(), preprocess=preprocess, tokenizer=open_clip.get_tokenizer(spec.name),
                      spec=spec, device=device)
 
 
-def save_checkpoint(clip: ChartCLIP, path: str | os.PathLike, sidecar: dict | None = None) -> Path:
-    """`<path>` (.safetensors) plus `<path>.json` (model spec, tokenizer, and whatever the caller adds: dataset
-    version, metrics, ...). Both written atomically."""
+def checkpoint_bytes(clip: ChartCLIP, sidecar: dict | None = None) -> tuple[bytes, bytes]:
+    """The safetensors weights and the JSON sidecar (model spec, tokenizer, and whatever the caller adds: dataset
+    version, metrics, ...)."""
     from safetensors.torch import save
 
-    path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()}
     meta = {"format": CHECKPOINT_FORMAT, "spec": asdict(clip.spec), "tokenizer": clip.spec.name} | (sidecar or {})
-    atomic_write(path, save(state))
-    atomic_write(Path(f"{path}.json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return save(state), json.dumps(meta, indent=2, sort_keys=True).encode()
+
+
+def save_checkpoint(clip: ChartCLIP, path: str | os.PathLike, sidecar: dict | None = None) -> Path:
+    """`<path>` (.safetensors) plus `<path>.json`, both written atomically."""
+    path = Path(path)
+    weights, meta = checkpoint_bytes(clip, sidecar)
+    atomic_write(path, weights)
+    atomic_write(Path(f"{path}.json"), meta)
     return path
 
 
