@@ -166,8 +166,9 @@ def chart_images(context: AssetExecutionContext, config: ChartImagesConfig, stor
     table = windows.merge(images, on="window_id", validate="one_to_one")
     upstream = artifacts.current_version("pattern_labels")
     settings = stable_json({"sampling": sampling, "images": images_config})
-    version = write_version(artifacts, "chart_images", {"windows.parquet": parquet_bytes(table)},
-                            extra_hash=upstream + settings)
+    # settings.json lets training render more windows exactly like these (same sampling and image settings).
+    version = write_version(artifacts, "chart_images", {"windows.parquet": parquet_bytes(table), "settings.json": settings.encode()},
+                            extra_hash=upstream)
     reasons = table["selected_for"].value_counts().rename_axis("selected_for").reset_index(name="windows")
     sample = table.groupby("selected_for", sort=True).head(1).head(12)
     return MaterializeResult(
