@@ -1,0 +1,136 @@
+"""Training building blocks on real data and the real ChartCLIP-S model (tiny market, a few steps)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dagster import materialize
+
+from vlm_assets import model as chart_model
+from vlm_assets import training
+from vlm_assets.dataset import ImageConfig, WindowSamplingConfig
+from vlm_assets.definitions import DATA_ASSETS
+from vlm_assets.labeling import CORE_PATTERNS
+from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
+from vlm_assets.storage import ArtifactStore
+from tests.conftest import TINY_RUN_CONFIG, tiny_resources
+
+TINY_SAMPLING = WindowSamplingConfig(min_bars=50, max_bars=60, block_days=5, timeframes=("1m", "5m", "15m"))
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-data")
+    assert materialize(DATA_ASSETS, resources=tiny_resources(root), run_config=TINY_RUN_CONFIG).success
+    return ArtifactStore(root)
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_store):
+    dataset = read_frame(tiny_store, "vlm_dataset", "windows.parquet", columns=["symbol", "block", "split"])
+    return training.TrainingWindows(load_bars(tiny_store), load_labels(tiny_store), dataset, TINY_SAMPLING,
+                                    ImageConfig(), training.StreamConfig())
+
+
+def test_training_windows_come_only_from_train_blocks(tiny_store, windows):
+    dataset = read_frame(tiny_store, "vlm_dataset", "windows.parquet", columns=["symbol", "block", "split"])
+    held_out = set(map(tuple, dataset.loc[dataset["split"] != "train", ["symbol", "block"]].to_numpy()))
+    used = set(map(tuple, windows.candidates[["symbol", "block"]].to_numpy()))
+    assert used and not used & held_out
+
+
+def test_plans_are_deterministic_and_render_labels_of_their_window(windows):
+    first = windows.plan(np.random.default_rng(4), 16)
+    assert first == windows.plan(np.random.default_rng(4), 16)
+    sample = windows.render(first[0])
+    assert sample["image"].size == (224, 224)
+    row = windows.candidates.iloc[first[0].candidate]
+    assert sample["labels"].tolist() == row[list(CORE_PATTERNS)].astype(float).tolist()
+    assert sample["anatomy"].shape == (len(training.ANATOMY_TARGETS),)
+    assert np.asarray(windows.render(first[0])["image"]).tobytes() == np.asarray(sample["image"]).tobytes()
+
+
+def test_anatomy_targets_measure_the_last_candles():
+    bars = pd.DataFrame({"open": [10.0, 11.0, 12.0], "high": [11.5, 12.5, 12.2], "low": [9.5, 10.5, 10.0],
+                         "close": [11.0, 12.0, 10.5]})
+    targets = dict(zip(training.ANATOMY_TARGETS, training.anatomy_targets(bars, pd.Series({"avg_range": 2.0, "trend": 1.5}))))
+    assert targets["c3_body"] == pytest.approx(0.75)  # |10.5 - 12| / 2
+    assert targets["c3_upper"] == pytest.approx(0.1)  # (12.2 - 12) / 2
+    assert targets["c3_lower"] == pytest.approx(0.25)  # (10.5 - 10) / 2
+    assert targets["c3_direction"] == -1 and targets["c2_direction"] == 1
+    assert targets["trend"] == pytest.approx(0.5)
+    assert targets["outside"] == 0 and targets["inside"] == 0
+
+
+def test_hard_negative_buffer_keeps_the_hardest():
+    buffer = training.HardNegativeBuffer(capacity=3)
+    buffer.add(np.array([1, 2, 3, 4]), np.array([0.9, 0.1, 0.5, 0.7]))
+    assert sorted(buffer.hardness) == [1, 3, 4]
+    buffer.add(np.array([3]), np.array([0.95]))
+    assert buffer.hardness[3] == pytest.approx(0.95)
+    picks = buffer.sample(np.random.default_rng(0), 10)
+    assert set(picks) <= {1, 3, 4} and picks == buffer.sample(np.random.default_rng(0), 10)
+
+
+def test_confusable_mask_marks_partner_patterns():
+    labels = np.zeros((2, len(CORE_PATTERNS)), dtype=bool)
+    labels[0, CORE_PATTERNS.index("inverted_hammer")] = True
+    labels[1, CORE_PATTERNS.index("hammer")] = True
+    labels[1, CORE_PATTERNS.index("inverted_hammer")] = True
+    mask = training.confusable_mask(labels)
+    assert mask[0, CORE_PATTERNS.index("hammer")]
+    assert not mask[1, CORE_PATTERNS.index("hammer")]  # it is a hammer too: not a negative
+
+
+def test_partial_unfreezing_follows_the_config():
+    clip = chart_model.create(device="cpu")
+    model = clip.model
+    training.set_trainable(model, training.Unfreeze(image_layers=2, text_layers=1))
+    blocks = model.visual.transformer.resblocks
+    assert not any(p.requires_grad for b in blocks[:-2] for p in b.parameters())
+    assert all(p.requires_grad for b in blocks[-2:] for p in b.parameters())
+    assert not model.visual.conv1.weight.requires_grad and model.visual.proj.requires_grad
+    layers = model.text.transformer.encoder.layer
+    assert not any(p.requires_grad for layer in layers[:-1] for p in layer.parameters())
+    assert all(p.requires_grad for p in layers[-1].parameters())
+    assert all(p.requires_grad for p in model.text.proj.parameters()) and model.logit_scale.requires_grad
+    training.set_trainable(model, training.Unfreeze(image_layers=-1, text_layers=0))
+    assert all(p.requires_grad for p in model.visual.parameters())
+    assert not any(p.requires_grad for p in model.text.transformer.parameters())
+
+
+def test_contrastive_loss_treats_identical_captions_as_positives():
+    # Image 0 sits on caption 1's embedding: wrong if the captions differ, fine if they are the same caption.
+    image = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    duplicate_aware = training._contrastive(image, text, torch.tensor(20.0), ["a", "a", "b"])
+    as_distinct = training._contrastive(image, text, torch.tensor(20.0), ["a", "x", "b"])
+    assert float(duplicate_aware) < float(as_distinct)
+
+
+def test_pretrain_and_finetune_run_and_are_deterministic(windows):
+    def run():
+        clip = chart_model.create(device="cpu")
+        optim = training.OptimConfig(steps=2, batch_size=6, warmup_steps=1, workers=0)
+        pre = training.pretrain(clip, windows, training.PretrainConfig(optim=optim, caption_pool=24))
+        texts = {p: [p.replace("_", " ")] for p in CORE_PATTERNS}
+        fine = training.finetune(clip, windows, training.FinetuneConfig(optim=optim), texts)
+        return clip, pre, fine
+
+    clip_a, pre_a, fine_a = run()
+    clip_b, pre_b, fine_b = run()
+    assert pre_a.extra["caption_pool"] == 24 and 1 <= pre_a.extra["distinct_captions"] <= 24
+    assert {"contrastive", "anatomy"} <= set(pre_a.history.columns)
+    assert {"contrastive", "multilabel", "anatomy"} <= set(fine_a.history.columns)
+    for column in ("loss", "anatomy"):
+        assert pre_a.history[column].tolist() == pre_b.history[column].tolist()
+        assert fine_a.history[column].tolist() == fine_b.history[column].tolist()
+    state_a, state_b = clip_a.model.state_dict(), clip_b.model.state_dict()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_finetune_needs_prompts_for_every_core_pattern(windows):
+    clip = chart_model.create(device="cpu")
+    with pytest.raises(ValueError, match="hammer"):
+        training.finetune(clip, windows, training.FinetuneConfig(optim=training.OptimConfig(steps=1, workers=0)),
+                          {p: [p] for p in CORE_PATTERNS if p != "hammer"})
