@@ -14,6 +14,12 @@ TINY_RUN_CONFIG = {
         "vlm_dataset": {"config": {"min_per_core_pattern": 4}},
     }
 }
+# Real training, a few steps of a few charts: enough to exercise every code path, not to learn.
+TINY_TRAINING = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "workers": 0}
+TINY_FULL_RUN_CONFIG = {"ops": TINY_RUN_CONFIG["ops"] | {
+    "chart_clip_pretrained": {"config": TINY_TRAINING | {"caption_pool": 32}},
+    "chart_clip_finetuned": {"config": TINY_TRAINING},
+}}
 
 
 def tiny_resources(root, **market_overrides):

@@ -12,9 +12,10 @@ from dagster import Definitions, materialize
 
 from vlm_assets.definitions import DATA_ASSETS, defs
 from vlm_assets.labeling import CORE_PATTERNS
-from vlm_assets.pipeline.checks import DATA_CHECKS
+from vlm_assets.pipeline.checks import DATA_CHECKS, MODEL_CHECKS
+from vlm_assets.pipeline.model import MODEL_ASSETS
 from vlm_assets.storage import ArtifactStore
-from tests.conftest import TINY_MARKET, TINY_RUN_CONFIG, tiny_resources
+from tests.conftest import TINY_FULL_RUN_CONFIG, TINY_MARKET, TINY_RUN_CONFIG, tiny_resources
 
 REPO = Path(__file__).resolve().parents[1]
 ERROR_CHECKS = {"ohlc_rules_hold", "no_split_leakage", "min_count_per_core_pattern", "labels_rederived_agree", "images_decode"}
@@ -121,20 +122,21 @@ def test_bad_user_file_fails_the_run_with_a_named_row_and_keeps_old_artifacts(fi
 def test_definitions_load_with_jobs_checks_and_resources():
     Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("main_job")
-    assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS}
-    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS)
+    assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS + MODEL_ASSETS}
+    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS)
 
 
 def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):
     """README command 1's entry point, on a tiny config, with the repository's dagster.yaml."""
     shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
-    config = yaml.safe_load(yaml.safe_dump(TINY_RUN_CONFIG))
+    config = yaml.safe_load(yaml.safe_dump(TINY_FULL_RUN_CONFIG))
     config["resources"] = {"market": {"config": TINY_MARKET}, "store": {"config": {"root": str(tmp_path / "artifacts")}}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "CANDLE_VLM_"))}
     done = subprocess.run([sys.executable, "-m", "vlm_assets.cli", "run", "--config", "tiny.yaml"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout and "vlm_dataset" in done.stdout
+    assert "succeeded" in done.stdout and "vlm_dataset" in done.stdout and "model_evaluation" in done.stdout
     assert (tmp_path / ".dagster_home" / "runs.db").exists() or any((tmp_path / ".dagster_home").rglob("*.db"))
     assert (tmp_path / "artifacts" / "vlm_dataset" / "CURRENT").exists()
+    assert (tmp_path / "artifacts" / "model_evaluation" / "CURRENT").exists()

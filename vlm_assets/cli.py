@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     _project_instance_env(Path.cwd())
     from dagster import DagsterInstance
 
-    from vlm_assets.definitions import defs
+    from vlm_assets.definitions import ALL_ASSETS, defs
     from vlm_resources import ArtifactStoreResource
 
     job = defs.resolve_job_def(args.job)
@@ -42,11 +42,16 @@ def run(args: argparse.Namespace) -> int:
             failed[check.severity.value].append(f"{check.asset_key.to_user_string()}:{check.check_name}")
     store = ArtifactStoreResource().store()
     print(f"\nrun {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
-    for name in ("ohlcv_bars", "pattern_labels", "chart_images", "captions", "vlm_dataset"):
+    for name in (a.key.to_user_string() for a in ALL_ASSETS):
         try:
-            print(f"  {name:15s} {store.current_version(name):24s} {store.path(name)}")
+            print(f"  {name:21s} {store.current_version(name):24s} {store.path(name)}")
         except FileNotFoundError:
-            print(f"  {name:15s} (not materialized)")
+            print(f"  {name:21s} (not materialized)")
+    try:
+        summary = store.read_json(f"model_evaluation/{store.current_version('model_evaluation')}/evaluation.json")["summary"]
+        print("  test-split metrics: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
+    except FileNotFoundError:
+        pass
     for severity, names in failed.items():
         if names:
             print(f"  failed {severity} checks: " + ", ".join(names))

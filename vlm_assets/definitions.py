@@ -2,15 +2,17 @@
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
-from vlm_assets.pipeline.checks import DATA_CHECKS
+from vlm_assets.pipeline.checks import DATA_CHECKS, MODEL_CHECKS
 from vlm_assets.pipeline.data import captions, chart_images, ohlcv_bars, pattern_labels, vlm_dataset
+from vlm_assets.pipeline.model import MODEL_ASSETS
 from vlm_resources import ArtifactStoreResource, ComputeResource, MarketDataResource
 
 DATA_ASSETS = [ohlcv_bars, pattern_labels, chart_images, captions, vlm_dataset]
+ALL_ASSETS = DATA_ASSETS + MODEL_ASSETS
 
 main_job = define_asset_job(
     "main_job",
-    selection=AssetSelection.assets(*DATA_ASSETS),
+    selection=AssetSelection.assets(*ALL_ASSETS),
     description="The whole pipeline on the configured market data (the embedded synthetic market by default).",
 )
 
@@ -20,8 +22,8 @@ def default_resources() -> dict:
 
 
 defs = Definitions(
-    assets=DATA_ASSETS,
-    asset_checks=DATA_CHECKS,
+    assets=ALL_ASSETS,
+    asset_checks=DATA_CHECKS + MODEL_CHECKS,
     jobs=[main_job],
     resources=default_resources(),
     # torch steps already use every core; running steps one at a time in one process avoids oversubscription.

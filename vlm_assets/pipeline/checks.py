@@ -14,6 +14,7 @@ from vlm_assets.market.timeframes import resample
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
 from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset
+from vlm_assets.pipeline.model import chart_clip_finetuned, model_evaluation
 from vlm_resources import ArtifactStoreResource, MarketDataResource
 
 ERROR, WARN = AssetCheckSeverity.ERROR, AssetCheckSeverity.WARN
@@ -129,3 +130,70 @@ def balance_is_usable(store: ArtifactStoreResource) -> AssetCheckResult:
 
 DATA_CHECKS = [ohlc_rules_hold, timeframes_agree, core_patterns_present, no_split_leakage, min_count_per_core_pattern,
                labels_rederived_agree, images_decode, balance_is_usable]
+
+
+# ---- model checks ------------------------------------------------------------------------------------------
+
+# The acceptance floors of the model (issue 3); a WARN check so a weaker run still materializes and says so.
+MODEL_KPIS: dict[str, tuple[str, float]] = {
+    "core_macro_recall": (">=", 0.95),
+    "core_min_recall": (">=", 0.90),
+    "neutral_precision": (">=", 0.90),
+    "recall_lift": (">=", 0.10),
+    "zero_shot_min_precision": (">=", 0.70),
+    "paraphrase_macro_precision": (">=", 0.80),
+}
+
+
+def _evaluation(store: ArtifactStoreResource) -> dict:
+    artifacts = store.store()
+    return artifacts.read_json(f"model_evaluation/{artifacts.current_version('model_evaluation')}/evaluation.json")
+
+
+@asset_check(asset=chart_clip_finetuned, description="the stored checkpoint loads (safetensors, weights_only) and "
+             "re-saves to the same bytes")
+def checkpoint_round_trip(store: ArtifactStoreResource) -> AssetCheckResult:
+    from vlm_assets.model import checkpoint_bytes
+    from vlm_assets.pipeline.model import CHECKPOINT, _load
+
+    artifacts = store.store()
+    clip, sidecar, version = _load(artifacts, "chart_clip_finetuned", "cpu")
+    stored = artifacts.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}")
+    weights, _ = checkpoint_bytes(clip, sidecar)
+    return AssetCheckResult(passed=weights == stored, severity=ERROR,
+                            metadata={"version": version, "bytes": len(stored)})
+
+
+@asset_check(asset=model_evaluation, description="metrics were computed on the test split: per-pattern support "
+             "equals the test split's label counts")
+def metrics_from_test_split(store: ArtifactStoreResource) -> AssetCheckResult:
+    windows = _dataset(store, ["split", *CORE_PATTERNS])
+    expected = windows[windows["split"] == "test"][list(CORE_PATTERNS)].sum().astype(int).to_dict()
+    detection = _evaluation(store)["detection"]
+    reported = {p: int(detection[p]["support"]) for p in CORE_PATTERNS}
+    return AssetCheckResult(passed=reported == expected, severity=ERROR,
+                            metadata={"test_support": MetadataValue.json(expected), "reported": MetadataValue.json(reported)})
+
+
+@asset_check(asset=model_evaluation, description="acceptance floors: core recall, neutral precision, lift over the "
+             "baseline, zero-shot and paraphrase precision")
+def acceptance_kpis(store: ArtifactStoreResource) -> AssetCheckResult:
+    summary = _evaluation(store)["summary"]
+    rows = []
+    for name, (op, floor) in MODEL_KPIS.items():
+        value = summary.get(name)
+        rows.append({"kpi": name, "value": value, "floor": f"{op} {floor}", "met": value is not None and value >= floor})
+    frame = pd.DataFrame(rows)
+    return AssetCheckResult(passed=bool(frame["met"].all()), severity=WARN, metadata={"kpis": md.table(frame)})
+
+
+@asset_check(asset=model_evaluation, description="the prompt regression suite's required cases rank as recorded")
+def prompt_regression_suite(store: ArtifactStoreResource) -> AssetCheckResult:
+    suite = pd.DataFrame(_evaluation(store)["regression_suite"])
+    required = suite[suite["required"]]
+    failed = required.loc[~required["passed"], ["id", "expected_top", "top"]]
+    return AssetCheckResult(passed=failed.empty, severity=WARN,
+                            metadata={"required_cases": len(required), "failed": md.table(failed)})
+
+
+MODEL_CHECKS = [checkpoint_round_trip, metrics_from_test_split, acceptance_kpis, prompt_regression_suite]

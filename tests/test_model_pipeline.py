@@ -1,0 +1,106 @@
+"""The four model assets materialized for real (tiny market, a few training steps) and checked end to end."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import materialize
+
+from vlm_assets import evaluation as ev
+from vlm_assets.definitions import DATA_ASSETS
+from vlm_assets.labeling import CORE_PATTERNS
+from vlm_assets.pipeline.checks import MODEL_CHECKS
+from vlm_assets.pipeline.model import CHECKPOINT, MODEL_ASSETS, _load
+from vlm_assets.prompts import load_prompt_library
+from vlm_assets.storage import ArtifactStore
+from vlm_assets.zero_shot import PromptEmbeddings, embed_images
+from tests.conftest import TINY_FULL_RUN_CONFIG, tiny_resources
+
+MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS]
+
+
+def run_all(root):
+    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS], resources=tiny_resources(root),
+                       run_config=TINY_FULL_RUN_CONFIG)
+
+
+def checks_of(result) -> dict[str, bool]:
+    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model-run")
+    result = run_all(root)
+    return root, result
+
+
+def test_four_model_assets_materialize_with_checkpoints_and_metadata(run):
+    root, result = run
+    assert result.success
+    store = ArtifactStore(root)
+    for name in MODEL_NAMES:
+        assert store.current_version(name)
+    for name in ("chart_clip_pretrained", "chart_clip_finetuned"):
+        version = store.current_version(name)
+        sidecar = store.read_json(f"{name}/{version}/{CHECKPOINT}.json")
+        assert sidecar["format"] == "candle-vlm/chartclip-1"
+        assert sidecar["dataset_version"] == store.current_version("vlm_dataset")
+        assert sidecar["training"]["images_seen"] == 3 * 8 and "seconds" not in sidecar["training"]
+        history = store.read_parquet(f"{name}/{version}/history.parquet")
+        assert list(history["step"]) == [1, 2, 3] and np.isfinite(history["loss"]).all()
+    finetuned = store.read_json(f"chart_clip_finetuned/{store.current_version('chart_clip_finetuned')}/{CHECKPOINT}.json")
+    assert finetuned["prompt_library"] == load_prompt_library().tag
+    assert {"multilabel", "contrastive", "anatomy"} <= set(
+        store.read_parquet(f"chart_clip_finetuned/{store.current_version('chart_clip_finetuned')}/history.parquet").columns)
+    materialized = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    for name in ("chart_clip_pretrained", "chart_clip_finetuned"):
+        assert materialized[name]["training_curves"].value.startswith("![")
+    evaluation_meta = materialized["model_evaluation"]
+    assert {"baseline_vs_finetuned", "confusion_matrix", "detection_test", "zero_shot_test", "recall_lift"} <= set(evaluation_meta)
+
+
+def test_integrity_checks_pass(run):
+    _, result = run
+    checks = checks_of(result)
+    assert {"checkpoint_round_trip", "metrics_from_test_split", "acceptance_kpis", "prompt_regression_suite"} <= set(checks)
+    assert checks["checkpoint_round_trip"] and checks["metrics_from_test_split"], checks
+
+
+def test_metrics_are_recomputed_from_the_models_test_predictions(run):
+    """Re-score the test split with the stored checkpoint, prompt selection and thresholds: same report."""
+    root, _ = run
+    store = ArtifactStore(root)
+    report = store.read_json(f"model_evaluation/{store.current_version('model_evaluation')}/evaluation.json")
+    clip, _, _ = _load(store, "chart_clip_finetuned", "cpu")
+    windows = store.read_parquet(f"vlm_dataset/{store.current_version('vlm_dataset')}/windows.parquet")
+    test = windows[windows["split"] == "test"].reset_index(drop=True)
+    images = embed_images(clip, test["png"].tolist())
+    library = load_prompt_library()
+    prompts = PromptEmbeddings.of(clip, library)
+    selection = {c: [library.classes[c].index(t) for t in report["prompt_selection"][c]] for c in library.class_names}
+    ensemble = prompts.ensemble(selection)
+    core_index = [library.class_names.index(c) for c in CORE_PATTERNS]
+    thresholds = {c: float(v) for c, v in report["thresholds"].items()}
+    predicted = ev.apply_thresholds(images @ ensemble[core_index].T, thresholds, CORE_PATTERNS)
+    recomputed = ev.multilabel_report(test[list(CORE_PATTERNS)].to_numpy(bool), predicted, CORE_PATTERNS)
+    stored = pd.DataFrame(report["detection"]).T.loc[list(CORE_PATTERNS)]
+    for column in ("support", "predicted", "tp"):
+        assert stored[column].astype(int).tolist() == recomputed.loc[list(CORE_PATTERNS), column].astype(int).tolist()
+    summary = report["summary"]
+    assert summary["recall_lift"] == pytest.approx(summary["core_macro_recall"] - summary["baseline_core_macro_recall"])
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_same_config_and_seed_give_identical_checkpoints_and_metrics(run, tmp_path):
+    root, _ = run
+    again = run_all(tmp_path)
+    assert again.success
+    first, second = ArtifactStore(root), ArtifactStore(tmp_path)
+    for name in MODEL_NAMES:
+        assert first.current_version(name) == second.current_version(name), name
+    version = first.current_version("chart_clip_finetuned")
+    assert first.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}") == \
+        second.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}")
