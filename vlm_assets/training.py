@@ -153,16 +153,16 @@ class TrainingWindows:
             raise ValueError("no labelled train windows to sample from")
 
     def _near_miss_pool(self) -> np.ndarray:
-        ends = self.candidates
-        margins = []
-        for (symbol, timeframe), group in ends.groupby(["symbol", "timeframe"], sort=False):
+        """Candidates where some core pattern misses firing by at most `near_miss_margin` average ranges."""
+        chosen = []
+        for (symbol, timeframe), group in self.candidates.groupby(["symbol", "timeframe"], sort=False):
             frame = self.labels[(symbol, timeframe)]
-            cols = [f"{p}_margin" for p in CORE_PATTERNS]
-            values = frame[cols].to_numpy()[group["pos"].to_numpy()]
-            fired = frame[list(CORE_PATTERNS)].to_numpy()[group["pos"].to_numpy()]
-            near = np.any((values < 0) & (values >= -self.stream.near_miss_margin) & ~fired, axis=1)
-            margins.append(group.index.to_numpy()[near])
-        return np.concatenate(margins) if margins else np.array([], dtype=int)
+            positions = group["pos"].to_numpy()
+            margins = frame[[f"{p}_margin" for p in CORE_PATTERNS]].to_numpy()[positions]
+            fired = frame[list(CORE_PATTERNS)].to_numpy()[positions]
+            near = np.any((margins < 0) & (margins >= -self.stream.near_miss_margin) & ~fired, axis=1)
+            chosen.append(group.index.to_numpy()[near])
+        return np.concatenate(chosen) if chosen else np.array([], dtype=int)
 
     def plan(self, rng: np.random.Generator, size: int, randomized_share: float = 1.0) -> list[WindowPlan]:
         plans = []
