@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a description of the machine the numbers were measured on."""
+"""Shared by the benchmarks: the machine the numbers were measured on, and step timings of a Dagster run."""
 
 from __future__ import annotations
 
@@ -37,3 +37,22 @@ def machine_info(pinning: str | None = None) -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return info
+
+
+def step_seconds(instance, run_id: str) -> dict[str, float]:
+    """Wall time per step of a run, from the instance's event log (STEP_START to STEP_SUCCESS)."""
+    steps, starts = {}, {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type_value == "STEP_START":
+            starts[event.step_key] = entry.timestamp
+        elif event.event_type_value == "STEP_SUCCESS" and event.step_key in starts:
+            steps[event.step_key] = entry.timestamp - starts[event.step_key]
+    return steps
+
+
+def check_outcomes(result) -> dict[str, bool]:
+    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
 
-from bench.common import machine_info  # noqa: E402
+from bench.common import check_outcomes, machine_info, step_seconds  # noqa: E402
 
 FLOORS = {"pairs": 5000, "per_core_pattern": 300, "neutral_share": 0.15, "build_seconds": 300}
 
@@ -36,17 +36,8 @@ def build(root: Path) -> dict:
     started = time.perf_counter()
     result = materialize([*DATA_ASSETS, *DATA_CHECKS], resources=resources, instance=instance)
     total = time.perf_counter() - started
-    steps, starts = {}, {}
-    for entry in instance.all_logs(result.run_id):
-        event = entry.dagster_event
-        if event is None:
-            continue
-        if event.event_type_value == "STEP_START":
-            starts[event.step_key] = entry.timestamp
-        elif event.event_type_value == "STEP_SUCCESS" and event.step_key in starts:
-            steps[event.step_key] = entry.timestamp - starts[event.step_key]
-    checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    steps = step_seconds(instance, result.run_id)
+    checks = check_outcomes(result)
     return {"success": result.success, "seconds": total,
             "asset_seconds": {a.key.to_user_string(): round(steps.get(a.key.to_user_string(), float("nan")), 1) for a in DATA_ASSETS},
             "checks": checks}

@@ -19,20 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
 
-from bench.common import machine_info  # noqa: E402
-
-
-def step_seconds(instance, run_id: str) -> dict[str, float]:
-    steps, starts = {}, {}
-    for entry in instance.all_logs(run_id):
-        event = entry.dagster_event
-        if event is None:
-            continue
-        if event.event_type_value == "STEP_START":
-            starts[event.step_key] = entry.timestamp
-        elif event.event_type_value == "STEP_SUCCESS" and event.step_key in starts:
-            steps[event.step_key] = round(entry.timestamp - starts[event.step_key], 1)
-    return steps
+from bench.common import check_outcomes, machine_info, step_seconds  # noqa: E402
 
 
 def run(root: Path, skip_data: bool) -> dict:
@@ -58,7 +45,7 @@ def run(root: Path, skip_data: bool) -> dict:
     result = materialize([*MODEL_ASSETS, *MODEL_CHECKS], resources=resources, instance=instance)
     report["model_seconds"] = round(time.perf_counter() - started, 1)
     report["success"] = result.success
-    report["asset_seconds"] = step_seconds(instance, result.run_id)
+    report["asset_seconds"] = {k: round(v, 1) for k, v in step_seconds(instance, result.run_id).items()}
     report["training_seconds"] = round(report["asset_seconds"].get("chart_clip_pretrained", 0)
                                        + report["asset_seconds"].get("chart_clip_finetuned", 0), 1)
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
@@ -74,8 +61,7 @@ def run(root: Path, skip_data: bool) -> dict:
     report["zero_shot"] = {c: {k: evaluation["zero_shot"][c][k] for k in ("support", "predicted", "precision", "recall")}
                            for c in evaluation["zero_shot"]}
     report["floors"] = {k: f"{op} {v}" for k, (op, v) in MODEL_KPIS.items()} | {"training_seconds": "<= 1200"}
-    report["checks"] = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-                        for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    report["checks"] = check_outcomes(result)
     return report
 
 

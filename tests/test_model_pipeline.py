@@ -15,6 +15,7 @@ from vlm_assets.pipeline.model import CHECKPOINT, MODEL_ASSETS, _load
 from vlm_assets.prompts import load_prompt_library
 from vlm_assets.storage import ArtifactStore
 from vlm_assets.zero_shot import PromptEmbeddings, embed_images
+from bench.common import check_outcomes
 from tests.conftest import TINY_FULL_RUN_CONFIG, tiny_resources
 
 MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS]
@@ -23,11 +24,6 @@ MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS]
 def run_all(root):
     return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS], resources=tiny_resources(root),
                        run_config=TINY_FULL_RUN_CONFIG)
-
-
-def checks_of(result) -> dict[str, bool]:
-    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def test_four_model_assets_materialize_with_checkpoints_and_metadata(run):
 
 def test_integrity_checks_pass(run):
     _, result = run
-    checks = checks_of(result)
+    checks = check_outcomes(result)
     assert {"checkpoint_round_trip", "metrics_from_test_split", "acceptance_kpis", "prompt_regression_suite"} <= set(checks)
     assert checks["checkpoint_round_trip"] and checks["metrics_from_test_split"], checks
 

@@ -15,6 +15,7 @@ from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline.checks import DATA_CHECKS, MODEL_CHECKS
 from vlm_assets.pipeline.model import MODEL_ASSETS
 from vlm_assets.storage import ArtifactStore
+from bench.common import check_outcomes
 from tests.conftest import TINY_FULL_RUN_CONFIG, TINY_MARKET, TINY_RUN_CONFIG, tiny_resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +24,6 @@ ERROR_CHECKS = {"ohlc_rules_hold", "no_split_leakage", "min_count_per_core_patte
 
 def run_pipeline(root, **market):
     return materialize([*DATA_ASSETS, *DATA_CHECKS], resources=tiny_resources(root, **market), run_config=TINY_RUN_CONFIG)
-
-
-def check_results(result) -> dict[str, bool]:
-    return {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
-            for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def first_run(tmp_path_factory):
 def test_all_assets_materialize_and_error_checks_pass(first_run):
     root, result = first_run
     assert result.success
-    checks = check_results(result)
+    checks = check_outcomes(result)
     assert ERROR_CHECKS <= set(checks) and all(checks[c] for c in ERROR_CHECKS), checks
     store = ArtifactStore(root)
     tag = store.current_version("vlm_dataset")
@@ -98,7 +94,7 @@ def test_user_csv_directory_feeds_the_pipeline(first_run, tmp_path):
     resources = tiny_resources(tmp_path / "artifacts", source="directory", directory=str(data_dir), base_timeframe="1m")
     result = materialize([*DATA_ASSETS, *DATA_CHECKS], resources=resources, run_config=TINY_RUN_CONFIG)
     assert result.success
-    assert check_results(result)["timeframes_agree"]
+    assert check_outcomes(result)["timeframes_agree"]
     store = ArtifactStore(tmp_path / "artifacts")
     assert store.read_json(f"vlm_dataset/{store.current_version('vlm_dataset')}/card.json")["windows"] == 60
 
