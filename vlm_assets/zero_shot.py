@@ -110,10 +110,6 @@ def truth_frame(windows: pd.DataFrame, classes: tuple[str, ...]) -> pd.DataFrame
     return windows[list(classes)].astype(bool).reset_index(drop=True)
 
 
-def core_truth(windows: pd.DataFrame) -> pd.DataFrame:
-    return windows[list(CORE_PATTERNS)].astype(bool).reset_index(drop=True)
-
-
 @dataclass
 class Evaluation:
     """Everything one model's evaluation produced (reports are DataFrames from vlm_assets.evaluation)."""
