@@ -86,10 +86,11 @@ def test_partial_unfreezing_follows_the_config():
     clip = chart_model.create(device="cpu")
     model = clip.model
     training.set_trainable(model, training.Unfreeze(image_layers=2, text_layers=1))
-    blocks = model.visual.transformer.resblocks
-    assert not any(p.requires_grad for b in blocks[:-2] for p in b.parameters())
-    assert all(p.requires_grad for b in blocks[-2:] for p in b.parameters())
-    assert not model.visual.conv1.weight.requires_grad and model.visual.proj.requires_grad
+    trunk = model.visual.trunk
+    assert not any(p.requires_grad for b in trunk.blocks[:-2] for p in b.parameters())
+    assert all(p.requires_grad for b in trunk.blocks[-2:] for p in b.parameters())
+    assert not any(p.requires_grad for p in trunk.patch_embed.parameters())
+    assert all(p.requires_grad for p in [*trunk.norm.parameters(), *model.visual.head.parameters()])
     layers = model.text.transformer.encoder.layer
     assert not any(p.requires_grad for layer in layers[:-1] for p in layer.parameters())
     assert all(p.requires_grad for p in layers[-1].parameters())
@@ -134,3 +135,34 @@ def test_finetune_needs_prompts_for_every_core_pattern(windows):
     with pytest.raises(ValueError, match="hammer"):
         training.finetune(clip, windows, training.FinetuneConfig(optim=training.OptimConfig(steps=1, workers=0)),
                           {p: [p] for p in CORE_PATTERNS if p != "hammer"})
+
+
+def test_a_locked_text_tower_stays_put_and_an_unlocked_one_trains(windows):
+    texts = {p: [p.replace("_", " ")] for p in CORE_PATTERNS}
+    optim = training.OptimConfig(steps=2, batch_size=6, warmup_steps=1)
+    for lock in (True, False):
+        clip = chart_model.create(device="cpu")
+        before = {k: v.clone() for k, v in clip.model.text.state_dict().items()}
+        image_before = clip.model.visual.trunk.blocks[0].mlp.fc1.weight.clone()
+        training.finetune(clip, windows, training.FinetuneConfig(optim=optim, lock_text=lock), texts)
+        after = clip.model.text.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert not torch.equal(image_before, clip.model.visual.trunk.blocks[0].mlp.fc1.weight)
+        if lock:
+            assert not changed
+        else:  # the last encoder layer and the projection train, earlier layers do not
+            assert any(k.startswith("transformer.encoder.layer.5.") for k in changed)
+            assert any(k.startswith("proj") for k in changed)
+            assert not any(k.startswith("transformer.encoder.layer.0.") for k in changed)
+
+
+def test_frozen_batch_norm_layers_keep_their_running_statistics():
+    clip = chart_model.create(device="cpu")
+    training.set_trainable(clip.model, training.Unfreeze(image_layers=1, text_layers=0))
+    clip.model.train()
+    training._freeze_batch_norm_statistics(clip.model)
+    stem_norms = [m for m in clip.model.visual.trunk.patch_embed.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert stem_norms and not any(m.training for m in stem_norms)
+    before = stem_norms[0].running_mean.clone()
+    clip.model.visual(torch.randn(4, 3, 224, 224))
+    assert torch.equal(before, stem_norms[0].running_mean)

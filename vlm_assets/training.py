@@ -58,11 +58,11 @@ class StreamConfig:
     near_miss_margin: float = 0.1
     composite_share: float = 0.2  # windows drawn with their higher-timeframe panel
     # Style curriculum: the share of randomized styles (the rest use the dataset's fixed preset) moves linearly from
-    # `randomized_start` to `randomized_end` over the first `style_ramp` of the run. A from-scratch image tower
-    # learns candles in one look first; the full style variety at once stalls it.
-    randomized_start: float = 0.0
+    # `randomized_start` to `randomized_end` over the first `style_ramp` of the run. Off by default: the dataset's
+    # charts are all randomized, and the conv-stem tower learns on the full variety from the first step.
+    randomized_start: float = 1.0
     randomized_end: float = 1.0
-    style_ramp: float = 0.6
+    style_ramp: float = 0.0
     seed: int = 17
 
     def randomized_share(self, step: int, steps: int) -> float:
@@ -74,12 +74,12 @@ class StreamConfig:
 class OptimConfig:
     steps: int = 600
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 60
+    warmup_steps: int = 50
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast on CPU, fp16 AMP on CUDA; "fp32" disables mixed precision
-    workers: int = 1  # DataLoader processes rendering charts
+    workers: int = 0  # DataLoader processes rendering charts; 0 renders in-process (faster on 2 cores: no contention)
     log_every: int = 25
     seed: int = 23
 
@@ -112,9 +112,13 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    optim: OptimConfig = OptimConfig(steps=450, lr=3e-4)
-    stream: StreamConfig = StreamConfig(randomized_start=0.8, randomized_end=0.8, seed=29)
+    optim: OptimConfig = OptimConfig(steps=700, lr=5e-4)
+    stream: StreamConfig = StreamConfig(seed=29)
     unfreeze: Unfreeze = Unfreeze(image_layers=-1, text_layers=1)
+    # Keep the whole text tower frozen (as in pre-training): `unfreeze.text_layers` is then ignored, caption and
+    # prompt embeddings are computed once per distinct text, and the zero-shot prompts keep the space they were
+    # written for.
+    lock_text: bool = True
     contrastive_weight: float = 1.0
     multilabel_weight: float = 1.0
     anatomy_weight: float = 0.5
@@ -143,6 +147,10 @@ class TrainingWindows:
             raise ValueError("the dataset has no train windows: cannot train")
         candidates = all_candidates(bars, labels, sampling).merge(train_groups, on=["symbol", "block"], how="inner")
         self.candidates = candidates.reset_index(drop=True)
+        # Plain arrays for the per-window lookups in render(): pandas row access costs more than drawing the chart.
+        self._keys = list(zip(self.candidates["symbol"], self.candidates["timeframe"]))
+        self._positions = self.candidates["pos"].to_numpy()
+        self._core = self.candidates[list(CORE_PATTERNS)].to_numpy(dtype=np.float32)
         self.bars, self.labels, self.sampling, self.image, self.stream, self.params = bars, labels, sampling, image, stream, params
         self.origins = symbol_origins(bars)
         self.htf = {key: higher_timeframe_series(bars, *key) for key in bars}
@@ -189,44 +197,47 @@ class TrainingWindows:
         return self.candidates.loc[candidates, list(CORE_PATTERNS)].to_numpy(dtype=bool)
 
     def _window(self, plan: WindowPlan):
-        row = self.candidates.iloc[plan.candidate]
-        key = (row["symbol"], row["timeframe"])
-        pos = int(row["pos"])
+        key = self._keys[plan.candidate]
+        pos = int(self._positions[plan.candidate])
         window = self.bars[key].iloc[max(0, pos - plan.n_bars + 1): pos + 1]
-        return row, key, pos, window, self.labels[key].iloc[pos - 2: pos + 1]
+        return key, pos, window, self.labels[key].iloc[pos - 2: pos + 1]
 
     def anatomy_caption(self, plan: WindowPlan) -> str:
         """The caption grammar's anatomy caption of a planned window (no pattern names)."""
-        row, _, _, window, label_tail = self._window(plan)
-        context = describe_window(window, label_tail, row["timeframe"])
+        key, _, window, label_tail = self._window(plan)
+        context = describe_window(window, label_tail, key[1])
         return anatomy_caption(context, np.random.default_rng(plan.seed), self.params.trend_threshold)
 
-    def render(self, plan: WindowPlan) -> dict:
-        """The chart image, core labels, anatomy targets and captions of a planned window."""
+    def render(self, plan: WindowPlan, captions: bool = True) -> dict:
+        """The chart image, core labels, anatomy targets and (unless `captions` is false) captions of a planned
+        window; captions come last from the plan's generator, so skipping them changes nothing else."""
         from vlm_assets.rendering import PRESETS, randomize_style, render_chart
 
-        row, key, pos, window, label_tail = self._window(plan)
+        key, pos, window, label_tail = self._window(plan)
         rng = np.random.default_rng(plan.seed)
         style = randomize_style(rng) if plan.randomized else PRESETS[self.image.style_preset]
         panel = None
         htf = self.htf.get(key)
         if htf is not None and len(htf) and rng.random() < self.stream.composite_share:
             series = self.bars[key]
-            first, last = htf_panel_positions(pd.DatetimeIndex(series.index[pos:pos + 1]), row["timeframe"], htf,
-                                              self.origins[row["symbol"]], self.sampling)
+            first, last = htf_panel_positions(pd.DatetimeIndex(series.index[pos:pos + 1]), key[1], htf,
+                                              self.origins[key[0]], self.sampling)
             if last[0] - first[0] >= 5:
                 panel = htf.iloc[first[0]:last[0]]
-        image = render_chart(window, style, self.image.width, self.image.height, htf_bars=panel)
-        context = describe_window(window, label_tail, row["timeframe"])
-        threshold = self.params.trend_threshold
-        named = named_caption(context, rng, with_trend=bool(rng.random() < 0.5), trend_threshold=threshold)
-        return {
-            "image": image,
-            "labels": row[list(CORE_PATTERNS)].to_numpy(dtype=np.float32),
+        sample = {
+            "image": render_chart(window, style, self.image.width, self.image.height, htf_bars=panel),
+            "labels": self._core[plan.candidate].copy(),
             "anatomy": anatomy_targets(window, label_tail.iloc[-1]),
-            "anatomy_caption": anatomy_caption(context, rng, threshold),
-            "named_caption": named or "",
+            "anatomy_caption": "",
+            "named_caption": "",
         }
+        if captions:
+            context = describe_window(window, label_tail, key[1])
+            threshold = self.params.trend_threshold
+            named = named_caption(context, rng, with_trend=bool(rng.random() < 0.5), trend_threshold=threshold)
+            sample["named_caption"] = named or ""
+            sample["anatomy_caption"] = anatomy_caption(context, rng, threshold)
+        return sample
 
 
 def anatomy_targets(window: pd.DataFrame, label_row: pd.Series) -> np.ndarray:
@@ -254,12 +265,12 @@ def anatomy_targets(window: pd.DataFrame, label_row: pd.Series) -> np.ndarray:
 class _RenderedWindows:
     """Map-style dataset over plans: workers render, the main process plans (see module docstring)."""
 
-    def __init__(self, windows: TrainingWindows, preprocess):
-        self.windows, self.preprocess = windows, preprocess
+    def __init__(self, windows: TrainingWindows, preprocess, captions: bool):
+        self.windows, self.preprocess, self.captions = windows, preprocess, captions
 
     def __getitem__(self, item: tuple[int, WindowPlan]):
         slot, plan = item
-        sample = self.windows.render(plan)
+        sample = self.windows.render(plan, captions=self.captions)
         return {
             "slot": slot,
             "candidate": plan.candidate,
@@ -364,13 +375,23 @@ def _blocks(tower) -> list:
 
 def _head_parameter_ids(tower) -> set[int]:
     ids = set()
-    for name in ("ln_post", "proj", "pooler", "head", "attn_pool", "ln_final", "text_projection"):
-        node = getattr(tower, name, None)
+    trunk = getattr(tower, "trunk", None)  # a timm tower's final norms sit on its trunk
+    for node in [getattr(tower, name, None) for name in ("ln_post", "proj", "pooler", "head", "attn_pool", "ln_final",
+                                                         "text_projection")] + \
+                [getattr(trunk, name, None) for name in ("norm", "fc_norm", "attn_pool")]:
         if isinstance(node, torch.nn.Module):
             ids |= {id(p) for p in node.parameters()}
         elif isinstance(node, torch.nn.Parameter):
             ids.add(id(node))
     return ids
+
+
+def _freeze_batch_norm_statistics(model) -> None:
+    """BatchNorm layers whose parameters are frozen also keep their running statistics (eval mode)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and \
+                not any(p.requires_grad for p in module.parameters()):
+            module.eval()
 
 
 def _schedule(step: int, config: OptimConfig) -> float:
@@ -386,7 +407,7 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
-def _loader(windows: TrainingWindows, preprocess, plans, optim: OptimConfig):
+def _loader(windows: TrainingWindows, preprocess, plans, optim: OptimConfig, captions: bool):
     def collate(items):
         batch = {k: torch.stack([it[k] for it in items]) for k in ("pixels", "labels", "anatomy")}
         batch["candidate"] = np.array([it["candidate"] for it in items])
@@ -396,7 +417,7 @@ def _loader(windows: TrainingWindows, preprocess, plans, optim: OptimConfig):
         return batch
 
     return torch.utils.data.DataLoader(
-        _RenderedWindows(windows, preprocess), batch_sampler=plans, collate_fn=collate,
+        _RenderedWindows(windows, preprocess, captions), batch_sampler=plans, collate_fn=collate,
         num_workers=optim.workers, persistent_workers=False,
         multiprocessing_context="fork" if optim.workers else None,
     )
@@ -427,7 +448,8 @@ def _contrastive(image_features, text_features, logit_scale, caption_ids: list):
 
 
 def _train(clip, windows: TrainingWindows, optim: OptimConfig, unfreeze: Unfreeze, step_loss: Callable,
-           heads, draw: Callable, progress: Callable | None = None, frozen: list | None = None) -> TrainResult:
+           heads, draw: Callable, progress: Callable | None = None, frozen: list | None = None,
+           captions: bool = True) -> TrainResult:
     torch.manual_seed(optim.seed)
     model = clip.model
     params = set_trainable(model, unfreeze) + list(heads.parameters())
@@ -439,6 +461,7 @@ def _train(clip, windows: TrainingWindows, optim: OptimConfig, unfreeze: Unfreez
     planner = _Planner(optim.steps, draw, optim.seed)
     model.train()
     heads.train()
+    _freeze_batch_norm_statistics(model)
     for module in frozen or []:
         module.eval()  # a locked tower keeps dropout off
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
@@ -447,7 +470,7 @@ def _train(clip, windows: TrainingWindows, optim: OptimConfig, unfreeze: Unfreez
     started = time.perf_counter()
     images = 0
     bar = tqdm(total=optim.steps, unit="step", mininterval=2.0, disable=None)  # a bar on terminals, silent in logs
-    for step, batch in enumerate(_loader(windows, clip.preprocess, planner, optim)):
+    for step, batch in enumerate(_loader(windows, clip.preprocess, planner, optim, captions)):
         with _autocast(clip.device, optim.precision):
             losses = step_loss(batch)
         total = sum(losses.values())
@@ -529,15 +552,16 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
 
     unfreeze = Unfreeze(config.unfreeze.image_layers, 0) if config.lock_text else config.unfreeze
     result = _train(clip, windows, config.optim, unfreeze, step_loss, heads, draw, progress,
-                    frozen=[model.text] if config.lock_text and hasattr(model, "text") else [])
+                    frozen=[model.text] if config.lock_text and hasattr(model, "text") else [],
+                    captions=not config.lock_text)  # a locked tower's captions come from the embedded pool
     result.extra["caption_pool"] = len(pool)
     result.extra["distinct_captions"] = len(unique)
     return result
 
 
 def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size: int = 256):
-    """Normalized text embeddings of a frozen text tower, computed once (the tower is in eval mode: no dropout)."""
-    clip.model.eval()
+    """Normalized text embeddings of a frozen text tower, computed once. The caller keeps the tower in eval mode (no
+    dropout): models come from `create`/`load_checkpoint` in eval mode, and `_train` keeps `frozen` towers there."""
     rows = []
     with torch.no_grad(), _autocast(clip.device, "auto"):
         for start in range(0, len(texts), batch_size):
@@ -568,6 +592,7 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         buffer.add(np.sort(seeds), np.zeros(len(seeds)))
     model = clip.model
     state = {"class_embeddings": None, "step": 0}
+    locked: dict[str, torch.Tensor] = {}  # caption -> embedding, when the text tower is locked
 
     def class_embeddings():
         with torch.no_grad():
@@ -575,8 +600,16 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
                     for p in CORE_PATTERNS]
         return torch.stack(rows)
 
+    def caption_embeddings(texts: list[str]):
+        if not config.lock_text:
+            return clip.encode_texts(texts).float()
+        new = sorted({t for t in texts if t not in locked})
+        if new:
+            locked.update(zip(new, _encode_locked(clip, new, None)))
+        return torch.stack([locked[t] for t in texts]).to(clip.device)
+
     def step_loss(batch):
-        if state["step"] % config.class_embedding_refresh == 0:
+        if state["step"] == 0 or (not config.lock_text and state["step"] % config.class_embedding_refresh == 0):
             state["class_embeddings"] = class_embeddings()
         state["step"] += 1
         pixels = batch["pixels"].to(clip.device)
@@ -587,7 +620,7 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         named = [i for i, text in enumerate(batch["named_caption"]) if text]
         if len(named) > 1:
             texts = [batch["named_caption"][i] for i in named]
-            text = clip.encode_texts(texts).float()
+            text = caption_embeddings(texts)
             losses["contrastive"] = config.contrastive_weight * _contrastive(
                 image[named], text, model.logit_scale.exp().float(), texts)
         logits = heads["patterns"](image, state["class_embeddings"])
@@ -611,6 +644,9 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         plans += windows.plan(draw_rng, config.optim.batch_size - len(plans), share)
         return list(enumerate(plans))
 
-    result = _train(clip, windows, config.optim, config.unfreeze, step_loss, heads, draw, progress)
+    unfreeze = Unfreeze(config.unfreeze.image_layers, 0) if config.lock_text else config.unfreeze
+    result = _train(clip, windows, config.optim, unfreeze, step_loss, heads, draw, progress,
+                    frozen=[model.text] if config.lock_text and hasattr(model, "text") else [])
     result.extra["hard_negative_buffer"] = len(buffer)
+    result.extra["distinct_captions"] = len(locked)
     return result
