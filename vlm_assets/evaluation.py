@@ -167,6 +167,14 @@ def apply_thresholds(scores, thresholds: Mapping[str, float], classes: Sequence[
 
 
 # ---------------------------------------------------------------- reports
+def detection_on_test(val_truth, val_scores, test_truth, test_scores, classes: Sequence[str]) -> tuple[dict, pd.DataFrame, dict]:
+    """The detection protocol: max-F1 thresholds chosen on validation, applied to test. Returns the thresholds, the
+    test multi-label report and the test "no pattern" report."""
+    thresholds = best_f1_thresholds(val_truth, val_scores, classes)
+    predicted = apply_thresholds(test_scores, thresholds, classes)
+    return thresholds, multilabel_report(test_truth, predicted, classes), neutral_report(test_truth, predicted)
+
+
 def multilabel_report(y_true, y_pred, classes: Sequence[str]) -> pd.DataFrame:
     """One row per class (support, predicted, tp, fp, fn, precision, recall, f1), then ``macro`` and ``micro``.
 

@@ -66,6 +66,13 @@ class PromptEmbeddings:
             embeddings={c: flat[a:b] for c, a, b in zip(library.class_names, bounds[:-1], bounds[1:])},
         )
 
+    def selection_of(self, texts: dict[str, list[str]]) -> dict[str, list[int]]:
+        """Indices of stored prompt texts (e.g. an evaluation's selection); a text not in the library is an error."""
+        try:
+            return {c: [self.prompts[c].index(t) for t in texts[c]] for c in self.classes}
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"the prompt selection does not match this prompt library: {error}") from None
+
     def ensemble(self, selection: dict[str, list[int]] | None = None) -> np.ndarray:
         rows = []
         for c in self.classes:
@@ -152,12 +159,10 @@ def evaluate(val_images: np.ndarray, val_windows: pd.DataFrame, test_images: np.
     core_index = [classes.index(c) for c in core]
 
     val_scores = val_images @ ensemble.T
-    thresholds = ev.best_f1_thresholds(val_truth[core].to_numpy(), val_scores[:, core_index], core)
     test_truth = truth_frame(test_windows, classes)
     test_scores = test_images @ ensemble.T
-    predicted = ev.apply_thresholds(test_scores[:, core_index], thresholds, core)
-    detection = ev.multilabel_report(test_truth[core].to_numpy(), predicted, core)
-    neutral = ev.neutral_report(test_truth[core].to_numpy(), predicted)
+    thresholds, detection, neutral = ev.detection_on_test(val_truth[core].to_numpy(), val_scores[:, core_index],
+                                                          test_truth[core].to_numpy(), test_scores[:, core_index], core)
 
     all_truth = test_truth.to_numpy()
     all_classes = ev.top1_report(all_truth, test_scores, classes)

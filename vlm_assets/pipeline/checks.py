@@ -14,6 +14,7 @@ from vlm_assets.market.timeframes import resample
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
 from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset
+from vlm_assets.pipeline.fusion import calibrator
 from vlm_assets.pipeline.model import chart_clip_finetuned, model_evaluation
 from vlm_resources import ArtifactStoreResource, MarketDataResource
 
@@ -154,10 +155,10 @@ def _evaluation(store: ArtifactStoreResource) -> dict:
              "re-saves to the same bytes")
 def checkpoint_round_trip(store: ArtifactStoreResource) -> AssetCheckResult:
     from vlm_assets.model import checkpoint_bytes
-    from vlm_assets.pipeline.model import CHECKPOINT, _load
+    from vlm_assets.pipeline.model import CHECKPOINT, load_model_asset
 
     artifacts = store.store()
-    clip, sidecar, version = _load(artifacts, "chart_clip_finetuned", "cpu")
+    clip, sidecar, version = load_model_asset(artifacts, "chart_clip_finetuned", "cpu")
     stored = artifacts.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}")
     weights, _ = checkpoint_bytes(clip, sidecar)
     return AssetCheckResult(passed=weights == stored, severity=ERROR,
@@ -178,11 +179,16 @@ def metrics_from_test_split(store: ArtifactStoreResource) -> AssetCheckResult:
 @asset_check(asset=model_evaluation, description="acceptance floors: core recall, neutral precision, lift over the "
              "baseline, zero-shot and paraphrase precision")
 def acceptance_kpis(store: ArtifactStoreResource) -> AssetCheckResult:
-    summary = _evaluation(store)["summary"]
+    return _kpi_result(_evaluation(store)["summary"], MODEL_KPIS)
+
+
+def _kpi_result(summary: dict, kpis: dict[str, tuple[str, float]]) -> AssetCheckResult:
+    """A WARN check with one row per KPI: its measured value beside its bound."""
     rows = []
-    for name, (op, floor) in MODEL_KPIS.items():
+    for name, (op, bound) in kpis.items():
         value = summary.get(name)
-        rows.append({"kpi": name, "value": value, "floor": f"{op} {floor}", "met": value is not None and value >= floor})
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        rows.append({"kpi": name, "value": value, "bound": f"{op} {bound}", "met": met})
     frame = pd.DataFrame(rows)
     return AssetCheckResult(passed=bool(frame["met"].all()), severity=WARN, metadata={"kpis": md.table(frame)})
 
@@ -197,3 +203,35 @@ def prompt_regression_suite(store: ArtifactStoreResource) -> AssetCheckResult:
 
 
 MODEL_CHECKS = [checkpoint_round_trip, metrics_from_test_split, acceptance_kpis, prompt_regression_suite]
+
+# Calibration floors on the test split; ECE must also drop, checked beside them.
+CALIBRATION_KPIS = {"ece_after": ("<=", 0.03), "recall_lift": (">=", 0.05)}
+
+
+def _calibrator_files(store: ArtifactStoreResource) -> tuple[dict, dict]:
+    artifacts = store.store()
+    version = artifacts.current_version("calibrator")
+    return artifacts.read_json(f"calibrator/{version}/calibrator.json"), artifacts.read_json(f"calibrator/{version}/report.json")
+
+
+@asset_check(asset=calibrator, description="the stored calibrator loads and maps scores to probabilities in [0, 1]")
+def calibrator_loads(store: ArtifactStoreResource) -> AssetCheckResult:
+    from vlm_assets.calibration import Calibrator
+
+    document, _ = _calibrator_files(store)
+    fitted = Calibrator.from_dict(document)
+    probabilities = fitted.probabilities(np.linspace(-1, 1, 21)[:, None].repeat(len(fitted.classes), axis=1))
+    ok = bool(np.isfinite(probabilities).all() and (probabilities >= 0).all() and (probabilities <= 1).all())
+    return AssetCheckResult(passed=ok, severity=ERROR, metadata={"classes": len(fitted.classes),
+                                                                   "temperature": fitted.temperature})
+
+
+@asset_check(asset=calibrator, description="ECE after calibration <= 0.03 and below ECE before; recall lift at "
+             "precision 0.90 >= +0.05")
+def calibration_kpis(store: ArtifactStoreResource) -> AssetCheckResult:
+    summary = _calibrator_files(store)[1]["summary"]
+    return _kpi_result(summary | {"ece_drop": summary["ece_before"] - summary["ece_after"]},
+                       CALIBRATION_KPIS | {"ece_drop": (">=", 0.0)})
+
+
+FUSION_CHECKS = [calibrator_loads, calibration_kpis]

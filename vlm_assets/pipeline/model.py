@@ -73,13 +73,15 @@ class FinetuneAssetConfig(TrainConfig):
     multilabel_weight: float = training.FinetuneConfig.multilabel_weight
     hard_negative_share: float = Field(default=training.FinetuneConfig.hard_negative_share,
                                        description="share of each batch re-fed from the hard-negative buffer")
+    lock_text: bool = Field(default=training.FinetuneConfig.lock_text,
+                            description="freeze the whole text tower (captions embedded once); false: train text_layers")
 
     def training(self) -> training.FinetuneConfig:
         return training.FinetuneConfig(
             optim=self.optim(), stream=dataclasses.replace(training.FinetuneConfig.stream, seed=self.stream_seed),
             unfreeze=training.Unfreeze(self.image_layers, self.text_layers), anatomy_weight=self.anatomy_weight,
             contrastive_weight=self.contrastive_weight, multilabel_weight=self.multilabel_weight,
-            hard_negative_share=self.hard_negative_share)
+            hard_negative_share=self.hard_negative_share, lock_text=self.lock_text)
 
 
 def _dataset(artifacts: ArtifactStore, columns=None) -> pd.DataFrame:
@@ -98,7 +100,7 @@ def _tuples(values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-def _load(artifacts: ArtifactStore, name: str, device: str):
+def load_model_asset(artifacts: ArtifactStore, name: str, device: str):
     """A model asset's current checkpoint (copied to a local temp dir when the store is remote)."""
     version = artifacts.current_version(name)
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
@@ -141,7 +143,7 @@ def _timing(result: training.TrainResult) -> dict:
     return {"seconds": round(result.seconds, 1), "images_per_s": round(result.images_seen / max(result.seconds, 1e-9), 1)}
 
 
-@asset(group_name=MODEL_GROUP, code_version="1", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="2", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
 def chart_clip_pretrained(context: AssetExecutionContext, config: PretrainAssetConfig, store: ArtifactStoreResource,
                           compute: ComputeResource) -> MaterializeResult:
     """Domain pre-training: image-text contrastive on anatomy captions (no pattern names) + an anatomy head."""
@@ -168,7 +170,7 @@ def chart_clip_pretrained(context: AssetExecutionContext, config: PretrainAssetC
         data_version=DataVersion(version))
 
 
-def _embed_split(clip, artifacts: ArtifactStore, split: str, context) -> tuple[np.ndarray, pd.DataFrame]:
+def embed_split(clip, artifacts: ArtifactStore, split: str, context) -> tuple[np.ndarray, pd.DataFrame]:
     windows = _dataset(artifacts)
     part = windows[windows["split"] == split].reset_index(drop=True)
     images = embed_images(clip, part["png"].tolist(), progress=md.Progress(context.log, f"{split} charts embedded", len(part)))
@@ -177,8 +179,8 @@ def _embed_split(clip, artifacts: ArtifactStore, split: str, context) -> tuple[n
 
 def _evaluate(clip, artifacts: ArtifactStore, context):
     library = load_prompt_library()
-    val_images, val = _embed_split(clip, artifacts, "val", context)
-    test_images, test = _embed_split(clip, artifacts, "test", context)
+    val_images, val = embed_split(clip, artifacts, "val", context)
+    test_images, test = embed_split(clip, artifacts, "test", context)
     prompts = PromptEmbeddings.of(clip, library)
     paraphrases = PromptEmbeddings.of(clip, library.with_paraphrases())
     result = evaluate(val_images, val, test_images, test, prompts, paraphrases)
@@ -202,7 +204,7 @@ def zero_shot_baseline(context: AssetExecutionContext, store: ArtifactStoreResou
     metrics on test. Recorded before any fine-tuning."""
     artifacts = store.store()
     compute.apply_threads()
-    clip, sidecar, model_version = _load(artifacts, "chart_clip_pretrained", compute.resolved_device())
+    clip, sidecar, model_version = load_model_asset(artifacts, "chart_clip_pretrained", compute.resolved_device())
     library, result, regression = _evaluate(clip, artifacts, context)
     version = write_version(artifacts, "zero_shot_baseline",
                             _report_files(library, result, regression, {"model_version": model_version}))
@@ -225,14 +227,14 @@ def _evaluation_metadata(artifacts, name, version, library, result, regression) 
     }
 
 
-@asset(group_name=MODEL_GROUP, code_version="1", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="2", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
 def chart_clip_finetuned(context: AssetExecutionContext, config: FinetuneAssetConfig, store: ArtifactStoreResource,
                          compute: ComputeResource) -> MaterializeResult:
     """Fine-tuning on the core patterns: partial unfreezing, mixed precision, hard-negative buffer; CLIP loss plus
     multi-label BCE against the pattern prompt embeddings."""
     artifacts = store.store()
     compute.apply_threads()
-    clip, pre_sidecar, pretrained_version = _load(artifacts, "chart_clip_pretrained", compute.resolved_device())
+    clip, pre_sidecar, pretrained_version = load_model_asset(artifacts, "chart_clip_pretrained", compute.resolved_device())
     cfg = config.training()
     windows = _training_windows(artifacts, cfg.stream)
     library = load_prompt_library()
@@ -258,7 +260,7 @@ def model_evaluation(context: AssetExecutionContext, store: ArtifactStoreResourc
     """Test-split evaluation of the fine-tuned model beside the zero-shot baseline (same protocol)."""
     artifacts = store.store()
     compute.apply_threads()
-    clip, sidecar, model_version = _load(artifacts, "chart_clip_finetuned", compute.resolved_device())
+    clip, sidecar, model_version = load_model_asset(artifacts, "chart_clip_finetuned", compute.resolved_device())
     library, result, regression = _evaluate(clip, artifacts, context)
     baseline = artifacts.read_json(f"zero_shot_baseline/{artifacts.current_version('zero_shot_baseline')}/evaluation.json")
     baseline_detection = pd.DataFrame(baseline["detection"]).T
