@@ -19,6 +19,7 @@ TINY_TRAINING = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "workers": 0}
 TINY_FULL_RUN_CONFIG = {"ops": TINY_RUN_CONFIG["ops"] | {
     "chart_clip_pretrained": {"config": TINY_TRAINING | {"caption_pool": 32}},
     "chart_clip_finetuned": {"config": TINY_TRAINING},
+    "feature_model": {"config": {"n_estimators": 20}},
 }}
 
 

@@ -1,4 +1,4 @@
-"""The four model assets materialized for real (tiny market, a few training steps) and checked end to end."""
+"""The model and fusion assets materialized for real (tiny market, a few training steps) and checked end to end."""
 
 import json
 
@@ -10,19 +10,24 @@ from dagster import materialize
 from vlm_assets import evaluation as ev
 from vlm_assets.definitions import DATA_ASSETS
 from vlm_assets.labeling import CORE_PATTERNS
-from vlm_assets.pipeline.checks import MODEL_CHECKS
-from vlm_assets.pipeline.model import CHECKPOINT, MODEL_ASSETS, _load
+from vlm_assets.calibration import Calibrator
+from vlm_assets.features import FeatureModel, feature_frame
+from vlm_assets.pipeline.artifacts import load_bars
+from vlm_assets.pipeline.checks import FUSION_CHECKS, MODEL_CHECKS
+from vlm_assets.pipeline.fusion import CALIBRATED_CLASSES, FUSION_ASSETS
+from vlm_assets.pipeline.model import CHECKPOINT, MODEL_ASSETS, load_model_asset
 from vlm_assets.prompts import load_prompt_library
 from vlm_assets.storage import ArtifactStore
 from vlm_assets.zero_shot import PromptEmbeddings, embed_images
 from bench.common import check_outcomes
 from tests.conftest import TINY_FULL_RUN_CONFIG, tiny_resources
 
-MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS]
+MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS + FUSION_ASSETS]
 
 
 def run_all(root):
-    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS], resources=tiny_resources(root),
+    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS],
+                       resources=tiny_resources(root),
                        run_config=TINY_FULL_RUN_CONFIG)
 
 
@@ -33,7 +38,7 @@ def run(tmp_path_factory):
     return root, result
 
 
-def test_four_model_assets_materialize_with_checkpoints_and_metadata(run):
+def test_model_assets_materialize_with_checkpoints_and_metadata(run):
     root, result = run
     assert result.success
     store = ArtifactStore(root)
@@ -70,14 +75,13 @@ def test_metrics_are_recomputed_from_the_models_test_predictions(run):
     root, _ = run
     store = ArtifactStore(root)
     report = store.read_json(f"model_evaluation/{store.current_version('model_evaluation')}/evaluation.json")
-    clip, _, _ = _load(store, "chart_clip_finetuned", "cpu")
+    clip, _, _ = load_model_asset(store, "chart_clip_finetuned", "cpu")
     windows = store.read_parquet(f"vlm_dataset/{store.current_version('vlm_dataset')}/windows.parquet")
     test = windows[windows["split"] == "test"].reset_index(drop=True)
     images = embed_images(clip, test["png"].tolist())
     library = load_prompt_library()
     prompts = PromptEmbeddings.of(clip, library)
-    selection = {c: [library.classes[c].index(t) for t in report["prompt_selection"][c]] for c in library.class_names}
-    ensemble = prompts.ensemble(selection)
+    ensemble = prompts.ensemble(prompts.selection_of(report["prompt_selection"]))
     core_index = [library.class_names.index(c) for c in CORE_PATTERNS]
     thresholds = {c: float(v) for c, v in report["thresholds"].items()}
     predicted = ev.apply_thresholds(images @ ensemble[core_index].T, thresholds, CORE_PATTERNS)
@@ -100,3 +104,40 @@ def test_same_config_and_seed_give_identical_checkpoints_and_metrics(run, tmp_pa
     version = first.current_version("chart_clip_finetuned")
     assert first.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}") == \
         second.read_bytes(f"chart_clip_finetuned/{version}/{CHECKPOINT}")
+
+
+def test_calibrator_is_stored_loads_and_reports_before_and_after(run):
+    root, result = run
+    store = ArtifactStore(root)
+    version = store.current_version("calibrator")
+    fitted = Calibrator.from_dict(store.read_json(f"calibrator/{version}/calibrator.json"))
+    assert fitted.classes == CALIBRATED_CLASSES and fitted.temperature > 0
+    report = store.read_json(f"calibrator/{version}/report.json")
+    summary = report["summary"]
+    assert summary["recall_lift"] == pytest.approx(summary["recall_at_precision_after"] - summary["recall_at_precision_before"])
+    windows = store.read_parquet(f"vlm_dataset/{store.current_version('vlm_dataset')}/windows.parquet", columns=["split", *CORE_PATTERNS])
+    n_test = int((windows["split"] == "test").sum())
+    assert sum(row["count"] for row in report["reliability_after"]) == n_test * len(CALIBRATED_CLASSES)
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["calibrator"]["reliability_diagram"].value.startswith("![")
+    checks = check_outcomes(result)
+    assert checks["calibrator_loads"] and "calibration_kpis" in checks
+
+
+def test_feature_model_metrics_are_recomputed_from_its_predictions(run):
+    root, result = run
+    store = ArtifactStore(root)
+    version = store.current_version("feature_model")
+    model = FeatureModel.from_json(store.read_bytes(f"feature_model/{version}/feature_model.json").decode())
+    report = store.read_json(f"feature_model/{version}/evaluation.json")
+    windows = store.read_parquet(f"vlm_dataset/{store.current_version('vlm_dataset')}/windows.parquet",
+                                 columns=["symbol", "timeframe", "pos", "n_bars", "split", *CORE_PATTERNS])
+    test = windows[windows["split"] == "test"]
+    scores = model.predict(feature_frame(test, load_bars(store)))
+    thresholds = {c: float(v) for c, v in report["thresholds"].items()}
+    recomputed = ev.multilabel_report(test[list(CORE_PATTERNS)].to_numpy(bool),
+                                      ev.apply_thresholds(scores, thresholds, CORE_PATTERNS), CORE_PATTERNS)
+    for pattern in CORE_PATTERNS:
+        assert int(report["detection"][pattern]["tp"]) == int(recomputed.loc[pattern, "tp"])
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert {"feature_importance", "importance_plot", "detection_test"} <= set(meta["feature_model"])
