@@ -75,3 +75,24 @@ def test_reliability_bins_and_top_label_ece():
         0.5 * 0.05 + 0.5 * 0.45)
     dist = np.array([[0.8, 0.2], [0.6, 0.4]])
     assert cal.top_label_ece(dist, np.array([[True, False], [False, True]])) == pytest.approx(0.5 * 0.2 + 0.5 * 0.6)
+
+
+def test_evaluate_reports_before_and_after_with_thresholds_from_validation():
+    rng = np.random.default_rng(4)
+    classes = ("a", "b", "c")
+
+    def split(n):  # multi-label: each class shows independently
+        labels = rng.random((n, 3)) < 0.2
+        scores = 0.1 * rng.normal(size=(n, 3)) + 0.25 * labels  # cosine-like scores, informative but squashed
+        return scores, labels
+
+    val_scores, val_labels = split(3000)
+    test_scores, test_labels = split(3000)
+    calibrator = cal.fit(val_scores, 100 * val_scores, val_labels, classes)
+    report = cal.evaluate(calibrator, 100.0, val_scores, val_labels, test_scores, test_labels)
+    s = report.summary
+    assert s["ece_after"] < s["ece_before"] and s["ece_after"] < 0.03
+    assert s["brier_after"] < s["brier_before"]
+    assert s["recall_lift"] == pytest.approx(s["recall_at_precision_after"] - s["recall_at_precision_before"])
+    assert list(report.per_class.index) == list(classes) and report.per_class["support"].sum() == test_labels.sum()
+    assert report.reliability_before["count"].sum() == report.reliability_after["count"].sum() == 9000

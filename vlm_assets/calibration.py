@@ -171,3 +171,71 @@ def precision_threshold(scores: np.ndarray, positives: np.ndarray, min_precision
 def recall_at(scores: np.ndarray, positives: np.ndarray, threshold: float) -> float:
     positives = np.asarray(positives, dtype=bool)
     return float((np.asarray(scores)[positives] >= threshold).mean()) if positives.any() else math.nan
+
+
+# ---- before / after ----------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationReport:
+    summary: dict
+    per_class: pd.DataFrame  # test recall at the precision floor, uncalibrated global vs calibrated per-class thresholds
+    reliability_before: pd.DataFrame
+    reliability_after: pd.DataFrame
+
+
+def evaluate(calibrator: Calibrator, logit_scale: float, val_scores: np.ndarray, val_labels: np.ndarray,
+             test_scores: np.ndarray, test_labels: np.ndarray, min_precision: float = 0.9,
+             report_classes: tuple[str, ...] | None = None) -> CalibrationReport:
+    """Test-split measures before and after calibration; every threshold is chosen on validation.
+
+    "Before" is the model's own probability, softmax(logit_scale * score) over the classes, the CLIP reading;
+    "after" is the Platt probability per class (ECE, Brier) and the tempered softmax (top-label ECE). The recall
+    lift compares recall at `min_precision` with per-class thresholds on calibrated probabilities against one
+    global threshold on the uncalibrated ones (pooled over `report_classes`, default all)."""
+    val_scores, val_labels = _check(val_scores, val_labels, "validation")
+    test_scores, test_labels = _check(test_scores, test_labels, "test")
+    classes = calibrator.classes
+    report_classes = report_classes or classes
+    cols = [classes.index(c) for c in report_classes]
+    raw = {"val": softmax(logit_scale * val_scores), "test": softmax(logit_scale * test_scores)}
+    cal = {"val": calibrator.probabilities(val_scores), "test": calibrator.probabilities(test_scores)}
+    global_cut = precision_threshold(raw["val"][:, cols], val_labels[:, cols], min_precision)
+    rows = []
+    for j, name in zip(cols, report_classes):
+        cut = precision_threshold(cal["val"][:, j], val_labels[:, j], min_precision)
+        rows.append({"class": name, "support": int(test_labels[:, j].sum()),
+                     "recall_uncalibrated_global": recall_at(raw["test"][:, j], test_labels[:, j], global_cut),
+                     "recall_calibrated": recall_at(cal["test"][:, j], test_labels[:, j], cut),
+                     "threshold_calibrated": cut})
+    per_class = pd.DataFrame(rows).set_index("class")
+    before = float(per_class["recall_uncalibrated_global"].mean())
+    after = float(per_class["recall_calibrated"].mean())
+    summary = {
+        "ece_before": expected_calibration_error(raw["test"], test_labels),
+        "ece_after": expected_calibration_error(cal["test"], test_labels),
+        "brier_before": brier_score(raw["test"], test_labels),
+        "brier_after": brier_score(cal["test"], test_labels),
+        "top_label_ece_before": top_label_ece(raw["test"], test_labels),
+        "top_label_ece_after": top_label_ece(calibrator.softmax(logit_scale * test_scores), test_labels),
+        "temperature": calibrator.temperature,
+        "min_precision": min_precision,
+        "global_threshold_uncalibrated": global_cut,
+        "recall_at_precision_before": before,
+        "recall_at_precision_after": after,
+        "recall_lift": after - before,
+    }
+    return CalibrationReport(summary, per_class, reliability(raw["test"], test_labels), reliability(cal["test"], test_labels))
+
+
+def reliability_figure(before: pd.DataFrame, after: pd.DataFrame, title: str):
+    """Reliability diagram: observed frequency against mean confidence per bin, before and after."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect", line=dict(dash="dash", color="gray")))
+    for name, table in (("before", before), ("after", after)):
+        figure.add_trace(go.Scatter(x=table["confidence"], y=table["frequency"], mode="lines+markers", name=name,
+                                    text=[f"n={n}" for n in table["count"]]))
+    figure.update_layout(title=title, xaxis_title="mean predicted probability", yaxis_title="observed frequency",
+                         xaxis_range=[0, 1], yaxis_range=[0, 1])
+    return figure
