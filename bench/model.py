@@ -3,7 +3,7 @@
     python bench/model.py [--root DIR] [--json out.json] [--skip-data]
 
 Materializes the data assets (unless --skip-data and they exist in --root) and then chart_clip_pretrained ->
-zero_shot_baseline -> chart_clip_finetuned -> model_evaluation with their checks, in-process, as `candle-vlm run`
+zero_shot_baseline -> chart_clip_finetuned -> model_evaluation, then calibrator and feature_model, with their checks, in-process, as `candle-vlm run`
 does, and prints a table and a JSON report: wall time per model asset, training throughput, and the metrics of
 model_evaluation against the acceptance floors of issue 3.
 """
@@ -26,7 +26,8 @@ def run(root: Path, skip_data: bool) -> dict:
     from dagster import DagsterInstance, materialize
 
     from vlm_assets.definitions import DATA_ASSETS, default_resources
-    from vlm_assets.pipeline.checks import DATA_CHECKS, MODEL_CHECKS, MODEL_KPIS
+    from vlm_assets.pipeline.checks import CALIBRATION_KPIS, DATA_CHECKS, FUSION_CHECKS, MODEL_CHECKS, MODEL_KPIS
+    from vlm_assets.pipeline.fusion import FUSION_ASSETS
     from vlm_assets.pipeline.model import MODEL_ASSETS
     from vlm_assets.storage import ArtifactStore
     from vlm_resources import ArtifactStoreResource
@@ -42,7 +43,8 @@ def run(root: Path, skip_data: bool) -> dict:
         if not data.success:
             raise SystemExit("the data assets failed")
     started = time.perf_counter()
-    result = materialize([*MODEL_ASSETS, *MODEL_CHECKS], resources=resources, instance=instance)
+    result = materialize([*MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS], resources=resources,
+                         instance=instance)
     report["model_seconds"] = round(time.perf_counter() - started, 1)
     report["success"] = result.success
     report["asset_seconds"] = {k: round(v, 1) for k, v in step_seconds(instance, result.run_id).items()}
@@ -61,6 +63,10 @@ def run(root: Path, skip_data: bool) -> dict:
     report["zero_shot"] = {c: {k: evaluation["zero_shot"][c][k] for k in ("support", "predicted", "precision", "recall")}
                            for c in evaluation["zero_shot"]}
     report["floors"] = {k: f"{op} {v}" for k, (op, v) in MODEL_KPIS.items()} | {"training_seconds": "<= 1200"}
+    report["calibration"] = store.read_json(f"calibrator/{store.current_version('calibrator')}/report.json")["summary"]
+    report["calibration_floors"] = {k: f"{op} {v}" for k, (op, v) in CALIBRATION_KPIS.items()}
+    report["feature_model"] = store.read_json(
+        f"feature_model/{store.current_version('feature_model')}/evaluation.json")["summary"]
     report["checks"] = check_outcomes(result)
     return report
 
@@ -77,6 +83,12 @@ def table(report: dict) -> str:
     for name, row in report["per_pattern"].items():
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"| {name} | {row['support']} | {fmt(row['precision'])} | {fmt(row['recall'])} |")
+    lines += ["", "| calibration (test) | value | bound |", "|---|---|---|"]
+    for key, value in report["calibration"].items():
+        bound = report["calibration_floors"].get(key, "")
+        lines.append(f"| {key} | {value:.4f} | {bound} |" if isinstance(value, float) else f"| {key} | {value} | {bound} |")
+    lines += ["", "| feature model (test) | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.3f} |" for key, value in report["feature_model"].items()]
     return "\n".join(lines)
 
 

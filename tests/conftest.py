@@ -19,7 +19,10 @@ TINY_TRAINING = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "workers": 0}
 TINY_FULL_RUN_CONFIG = {"ops": TINY_RUN_CONFIG["ops"] | {
     "chart_clip_pretrained": {"config": TINY_TRAINING | {"caption_pool": 32}},
     "chart_clip_finetuned": {"config": TINY_TRAINING},
+    "resnet_baseline": {"config": TINY_TRAINING},
     "feature_model": {"config": {"n_estimators": 20}},
+    # an impossible gap bound: the fallback to late fusion is always taken (and tested)
+    "fuser": {"config": {"epochs": 3, "max_train_val_gap": -1.0}},
 }}
 
 

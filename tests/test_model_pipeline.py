@@ -10,8 +10,10 @@ from dagster import materialize
 from vlm_assets import evaluation as ev
 from vlm_assets.definitions import DATA_ASSETS
 from vlm_assets.labeling import CORE_PATTERNS
+from vlm_assets import baselines
 from vlm_assets.calibration import Calibrator
 from vlm_assets.features import FeatureModel, feature_frame
+from vlm_assets.fusion import load_fuser
 from vlm_assets.pipeline.artifacts import load_bars
 from vlm_assets.pipeline.checks import FUSION_CHECKS, MODEL_CHECKS
 from vlm_assets.pipeline.fusion import CALIBRATED_CLASSES, FUSION_ASSETS
@@ -141,3 +143,46 @@ def test_feature_model_metrics_are_recomputed_from_its_predictions(run):
         assert int(report["detection"][pattern]["tp"]) == int(recomputed.loc[pattern, "tp"])
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     assert {"feature_importance", "importance_plot", "detection_test"} <= set(meta["feature_model"])
+
+
+def test_resnet_baseline_round_trips_and_its_metrics_come_from_its_predictions(run):
+    root, result = run
+    store = ArtifactStore(root)
+    version = store.current_version("resnet_baseline")
+    baseline, sidecar = baselines.from_bytes(store.read_bytes(f"resnet_baseline/{version}/{CHECKPOINT}"),
+                                             store.read_bytes(f"resnet_baseline/{version}/{CHECKPOINT}.json"))
+    assert sidecar["arch"] == "resnet18" and baseline.classes == CORE_PATTERNS
+    assert sidecar["training"]["images_seen"] == 3 * 8
+    weights, _ = baselines.checkpoint_bytes(baseline, sidecar)
+    assert weights == store.read_bytes(f"resnet_baseline/{version}/{CHECKPOINT}")
+    windows = store.read_parquet(f"vlm_dataset/{store.current_version('vlm_dataset')}/windows.parquet",
+                                 columns=["split", "png", *CORE_PATTERNS])
+    test = windows[windows["split"] == "test"]
+    probabilities, features = baseline.predict(test["png"].tolist())
+    assert probabilities.shape == (len(test), len(CORE_PATTERNS)) and features.shape == (len(test), 512)
+    report = store.read_json(f"resnet_baseline/{version}/evaluation.json")
+    thresholds = {c: float(v) for c, v in report["thresholds"].items()}
+    recomputed = ev.multilabel_report(test[list(CORE_PATTERNS)].to_numpy(bool),
+                                      ev.apply_thresholds(probabilities, thresholds, CORE_PATTERNS), CORE_PATTERNS)
+    for pattern in CORE_PATTERNS:
+        assert int(report["detection"][pattern]["predicted"]) == int(recomputed.loc[pattern, "predicted"])
+    with pytest.raises(ValueError, match="not a ResNet baseline"):
+        baselines.from_bytes(store.read_bytes(f"resnet_baseline/{version}/{CHECKPOINT}"), b'{"format": "other"}')
+
+
+def test_fuser_falls_back_to_late_fusion_and_says_why(run):
+    root, result = run
+    store = ArtifactStore(root)
+    version = store.current_version("fuser")
+    files = {n: store.read_bytes(f"fuser/{version}/{n}") for n in ("fuser.json", "learned.safetensors", "report.json")}
+    document, late, learned = load_fuser(files)
+    assert document["active"] == "late" and learned is not None  # trained, considered, rejected
+    assert "exceeds the bound" in document["reason"] or "does not beat" in document["reason"]
+    assert sum(late.weights.values()) == pytest.approx(1.0) and set(late.weights) == {"vlm", "resnet", "features"}
+    report = json.loads(files["report.json"])
+    models = {row["model"] for row in report["test"]}
+    assert {"vlm", "resnet", "features", "late fusion", "late fusion, image only (no bars)", "learned fusion"} <= models
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["fuser"]["active"].value == "late" and meta["fuser"]["reason"].value == document["reason"]
+    checks = check_outcomes(result)
+    assert checks["fuser_loads"] and "fusion_beats_single_models" in checks

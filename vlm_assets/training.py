@@ -102,7 +102,7 @@ class Unfreeze:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    optim: OptimConfig = OptimConfig(steps=700)
+    optim: OptimConfig = OptimConfig(steps=600)
     stream: StreamConfig = StreamConfig()
     unfreeze: Unfreeze = Unfreeze()
     anatomy_weight: float = 1.0
@@ -112,7 +112,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    optim: OptimConfig = OptimConfig(steps=700, lr=5e-4)
+    optim: OptimConfig = OptimConfig(steps=550, lr=5e-4)
     stream: StreamConfig = StreamConfig(seed=29)
     unfreeze: Unfreeze = Unfreeze(image_layers=-1, text_layers=1)
     # Keep the whole text tower frozen (as in pre-training): `unfreeze.text_layers` is then ignored, caption and
@@ -447,12 +447,14 @@ def _contrastive(image_features, text_features, logit_scale, caption_ids: list):
     return 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target.T))
 
 
-def _train(clip, windows: TrainingWindows, optim: OptimConfig, unfreeze: Unfreeze, step_loss: Callable,
+def _train(trainee, params: list, windows: TrainingWindows, optim: OptimConfig, step_loss: Callable,
            heads, draw: Callable, progress: Callable | None = None, frozen: list | None = None,
            captions: bool = True) -> TrainResult:
+    """The training loop for any `trainee` with .model, .preprocess and .device (ChartCLIP, the ResNet baseline);
+    `params` are the model's trainable parameters, the heads' are added."""
     torch.manual_seed(optim.seed)
-    model = clip.model
-    params = set_trainable(model, unfreeze) + list(heads.parameters())
+    model = trainee.model
+    params = list(params) + list(heads.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
@@ -465,13 +467,13 @@ def _train(clip, windows: TrainingWindows, optim: OptimConfig, unfreeze: Unfreez
     for module in frozen or []:
         module.eval()  # a locked tower keeps dropout off
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(clip.device, optim.precision) == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(trainee.device, optim.precision) == torch.float16)
     rows = []
     started = time.perf_counter()
     images = 0
     bar = tqdm(total=optim.steps, unit="step", mininterval=2.0, disable=None)  # a bar on terminals, silent in logs
-    for step, batch in enumerate(_loader(windows, clip.preprocess, planner, optim, captions)):
-        with _autocast(clip.device, optim.precision):
+    for step, batch in enumerate(_loader(windows, trainee.preprocess, planner, optim, captions)):
+        with _autocast(trainee.device, optim.precision):
             losses = step_loss(batch)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -551,7 +553,7 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
         return losses
 
     unfreeze = Unfreeze(config.unfreeze.image_layers, 0) if config.lock_text else config.unfreeze
-    result = _train(clip, windows, config.optim, unfreeze, step_loss, heads, draw, progress,
+    result = _train(clip, set_trainable(model, unfreeze), windows, config.optim, step_loss, heads, draw, progress,
                     frozen=[model.text] if config.lock_text and hasattr(model, "text") else [],
                     captions=not config.lock_text)  # a locked tower's captions come from the embedded pool
     result.extra["caption_pool"] = len(pool)
@@ -645,7 +647,7 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         return list(enumerate(plans))
 
     unfreeze = Unfreeze(config.unfreeze.image_layers, 0) if config.lock_text else config.unfreeze
-    result = _train(clip, windows, config.optim, unfreeze, step_loss, heads, draw, progress,
+    result = _train(clip, set_trainable(model, unfreeze), windows, config.optim, step_loss, heads, draw, progress,
                     frozen=[model.text] if config.lock_text and hasattr(model, "text") else [])
     result.extra["hard_negative_buffer"] = len(buffer)
     result.extra["distinct_captions"] = len(locked)

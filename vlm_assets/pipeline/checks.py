@@ -1,7 +1,8 @@
-"""Asset checks for the data assets. ERROR checks guard correctness; WARN checks flag thin or odd data."""
+"""Asset checks. ERROR checks guard correctness; WARN checks flag thin data or unmet acceptance floors."""
 
 
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from vlm_assets.market.timeframes import resample
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
 from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset
-from vlm_assets.pipeline.fusion import calibrator
+from vlm_assets.pipeline.fusion import calibrator, fuser
 from vlm_assets.pipeline.model import chart_clip_finetuned, model_evaluation
 from vlm_resources import ArtifactStoreResource, MarketDataResource
 
@@ -234,4 +235,28 @@ def calibration_kpis(store: ArtifactStoreResource) -> AssetCheckResult:
                        CALIBRATION_KPIS | {"ece_drop": (">=", 0.0)})
 
 
-FUSION_CHECKS = [calibrator_loads, calibration_kpis]
+def _fuser_files(store: ArtifactStoreResource) -> dict[str, bytes]:
+    artifacts = store.store()
+    version = artifacts.current_version("fuser")
+    names = ("fuser.json", "learned.safetensors", "report.json")
+    return {n: artifacts.read_bytes(f"fuser/{version}/{n}") for n in names if artifacts.exists(f"fuser/{version}/{n}")}
+
+
+@asset_check(asset=fuser, description="the stored fuser loads, and the active fuser is the one it says")
+def fuser_loads(store: ArtifactStoreResource) -> AssetCheckResult:
+    from vlm_assets.fusion import load_fuser
+
+    document, late, learned = load_fuser(_fuser_files(store))
+    ok = document["active"] == "late" or (document["active"] == "learned" and learned is not None)
+    return AssetCheckResult(passed=ok and bool(late.thresholds), severity=ERROR,
+                            metadata={"active": document["active"], "reason": document["reason"]})
+
+
+@asset_check(asset=fuser, description="fused test macro F1 >= the best single model's")
+def fusion_beats_single_models(store: ArtifactStoreResource) -> AssetCheckResult:
+    summary = json.loads(_fuser_files(store)["report.json"])["summary"]
+    margin = summary["fused_test_macro_f1"] - summary["best_single_test_macro_f1"]
+    return _kpi_result({"fused_minus_best_single_macro_f1": margin}, {"fused_minus_best_single_macro_f1": (">=", 0.0)})
+
+
+FUSION_CHECKS = [calibrator_loads, calibration_kpis, fuser_loads, fusion_beats_single_models]

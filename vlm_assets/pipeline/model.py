@@ -84,16 +84,16 @@ class FinetuneAssetConfig(TrainConfig):
             hard_negative_share=self.hard_negative_share, lock_text=self.lock_text)
 
 
-def _dataset(artifacts: ArtifactStore, columns=None) -> pd.DataFrame:
+def dataset_windows(artifacts: ArtifactStore, columns=None) -> pd.DataFrame:
     return read_frame(artifacts, "vlm_dataset", "windows.parquet", columns=columns)
 
 
-def _training_windows(artifacts: ArtifactStore, stream: training.StreamConfig) -> training.TrainingWindows:
+def training_windows(artifacts: ArtifactStore, stream: training.StreamConfig) -> training.TrainingWindows:
     settings = artifacts.read_json(f"chart_images/{artifacts.current_version('chart_images')}/settings.json")
     sampling = WindowSamplingConfig(**_tuples(settings["sampling"]))
     image = ImageConfig(**settings["images"])
     return training.TrainingWindows(load_bars(artifacts), load_labels(artifacts),
-                                    _dataset(artifacts, ["symbol", "block", "split"]), sampling, image, stream)
+                                    dataset_windows(artifacts, ["symbol", "block", "split"]), sampling, image, stream)
 
 
 def _tuples(values: dict) -> dict:
@@ -110,14 +110,14 @@ def load_model_asset(artifacts: ArtifactStore, name: str, device: str):
     return clip, sidecar, version
 
 
-def _train_progress(context: AssetExecutionContext, what: str):
+def train_progress(context: AssetExecutionContext, what: str):
     def report(done: int, total: int, row: dict) -> None:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("step", "lr", "images_per_s"))
         context.log.info(f"{what}: step {done}/{total}, {losses}, {row['images_per_s']:.1f} images/s")
     return report
 
 
-def _curves(result: training.TrainResult, title: str) -> MetadataValue:
+def loss_curves(result: training.TrainResult, title: str) -> MetadataValue:
     columns = [c for c in result.history.columns if c not in ("lr", "images_per_s")]
     smoothed = result.history[columns].copy()
     window = max(1, len(smoothed) // 50)
@@ -125,21 +125,23 @@ def _curves(result: training.TrainResult, title: str) -> MetadataValue:
     return md.plot_markdown(ev.curves_figure(smoothed, title), title)
 
 
-def _save_model(artifacts: ArtifactStore, name: str, clip, sidecar: dict, result: training.TrainResult) -> str:
-    """Weights, sidecar and loss history; wall-clock figures stay out so a version is a pure function of config."""
-    weights, meta = chart_model.checkpoint_bytes(clip, sidecar)
+def save_trained(artifacts: ArtifactStore, name: str, checkpoint: tuple[bytes, bytes], result: training.TrainResult,
+                 extra: dict[str, bytes] | None = None) -> str:
+    """Weights, sidecar, loss history (and `extra` files) as one version; wall-clock figures stay out so a version
+    is a pure function of config."""
+    weights, meta = checkpoint
     history = result.history.drop(columns=["images_per_s"])
-    files = {CHECKPOINT: weights, f"{CHECKPOINT}.json": meta, "history.parquet": parquet_bytes(history)}
+    files = {CHECKPOINT: weights, f"{CHECKPOINT}.json": meta, "history.parquet": parquet_bytes(history)} | (extra or {})
     return write_version(artifacts, name, files)
 
 
-def _train_summary(result: training.TrainResult) -> dict:
+def train_summary(result: training.TrainResult) -> dict:
     last = result.history.tail(max(1, len(result.history) // 10)).mean(numeric_only=True)
     return {"steps": len(result.history), "images_seen": result.images_seen,
             "final_loss": round(float(last["loss"]), 4)} | dict(result.extra)
 
 
-def _timing(result: training.TrainResult) -> dict:
+def timing(result: training.TrainResult) -> dict:
     return {"seconds": round(result.seconds, 1), "images_per_s": round(result.images_seen / max(result.seconds, 1e-9), 1)}
 
 
@@ -151,27 +153,27 @@ def chart_clip_pretrained(context: AssetExecutionContext, config: PretrainAssetC
     threads = compute.apply_threads()
     device = compute.resolved_device()
     cfg = config.training()
-    windows = _training_windows(artifacts, cfg.stream)
+    windows = training_windows(artifacts, cfg.stream)
     context.log.info(f"{len(windows.candidates):,} train-split window ends; {cfg.optim.steps} steps of "
                      f"{cfg.optim.batch_size} on {device} ({threads} threads)")
     clip = chart_model.create(chart_model.ModelSpec(config.model_name, config.pretrained or None), device, seed=config.seed)
-    result = training.pretrain(clip, windows, cfg, _train_progress(context, "pre-training"),
+    result = training.pretrain(clip, windows, cfg, train_progress(context, "pre-training"),
                                caption_progress=md.Progress(context.log, "caption pool embedded", cfg.caption_pool))
     dataset_version = artifacts.current_version("vlm_dataset")
-    summary = _train_summary(result)
+    summary = train_summary(result)
     sidecar = {"stage": "pretrained", "dataset_version": dataset_version, "training": summary,
                "config": json.loads(config.model_dump_json())}
-    version = _save_model(artifacts, "chart_clip_pretrained", clip, sidecar, result)
+    version = save_trained(artifacts, "chart_clip_pretrained", chart_model.checkpoint_bytes(clip, sidecar), result)
     return MaterializeResult(
         metadata={"version": version, "path": MetadataValue.path(str(artifacts.path("chart_clip_pretrained", version))),
                   "dataset_version": dataset_version, "model": config.model_name, "device": device,
-                  **summary, **_timing(result),
-                  "training_curves": _curves(result, "pre-training losses")},
+                  **summary, **timing(result),
+                  "training_curves": loss_curves(result, "pre-training losses")},
         data_version=DataVersion(version))
 
 
 def embed_split(clip, artifacts: ArtifactStore, split: str, context) -> tuple[np.ndarray, pd.DataFrame]:
-    windows = _dataset(artifacts)
+    windows = dataset_windows(artifacts)
     part = windows[windows["split"] == split].reset_index(drop=True)
     images = embed_images(clip, part["png"].tolist(), progress=md.Progress(context.log, f"{split} charts embedded", len(part)))
     return images, part.drop(columns=["png"])
@@ -236,21 +238,21 @@ def chart_clip_finetuned(context: AssetExecutionContext, config: FinetuneAssetCo
     compute.apply_threads()
     clip, pre_sidecar, pretrained_version = load_model_asset(artifacts, "chart_clip_pretrained", compute.resolved_device())
     cfg = config.training()
-    windows = _training_windows(artifacts, cfg.stream)
+    windows = training_windows(artifacts, cfg.stream)
     library = load_prompt_library()
     result = training.finetune(clip, windows, cfg, {p: list(library.classes[p]) for p in CORE_PATTERNS},
-                               _train_progress(context, "fine-tuning"))
+                               train_progress(context, "fine-tuning"))
     dataset_version = artifacts.current_version("vlm_dataset")
-    summary = _train_summary(result)
+    summary = train_summary(result)
     sidecar = {"stage": "finetuned", "dataset_version": dataset_version, "pretrained_version": pretrained_version,
                "prompt_library": library.tag, "training": summary,
                "pretraining": pre_sidecar.get("training", {}), "config": json.loads(config.model_dump_json())}
-    version = _save_model(artifacts, "chart_clip_finetuned", clip, sidecar, result)
+    version = save_trained(artifacts, "chart_clip_finetuned", chart_model.checkpoint_bytes(clip, sidecar), result)
     return MaterializeResult(
         metadata={"version": version, "path": MetadataValue.path(str(artifacts.path("chart_clip_finetuned", version))),
                   "pretrained_version": pretrained_version, "dataset_version": dataset_version, **summary,
-                  **_timing(result),
-                  "training_curves": _curves(result, "fine-tuning losses")},
+                  **timing(result),
+                  "training_curves": loss_curves(result, "fine-tuning losses")},
         data_version=DataVersion(version))
 
 

@@ -1,0 +1,118 @@
+"""Can an image tower learn candles from the training stream? A supervised probe, no text involved.
+
+    python bench/learnability.py [--root artifacts] [--tower convstem|plain] [--steps 1000] [--style-share 1.0]
+
+Trains the image tower plus one linear head on the training stream of `vlm_assets.training` (charts rendered from
+the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
+anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
+the core patterns (stored dataset images). `convstem` is ChartCLIP-S's tower; `plain` is the same ViT with a
+single 32x32 linear patch embedding. Needs the data assets in --root (`candle-vlm run` or bench/dataset.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
+
+from bench.common import machine_info  # noqa: E402
+
+
+def build_tower(kind: str):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vlm_assets.image_tower import chart_vit_s32_convstem
+
+    if kind == "convstem":
+        return chart_vit_s32_convstem()
+    return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
+                             global_pool="token", pre_norm=True, num_classes=0)
+
+
+def run(args) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from sklearn.metrics import average_precision_score
+
+    from vlm_assets import model as chart_model
+    from vlm_assets import training
+    from vlm_assets.labeling import CORE_PATTERNS
+    from vlm_assets.pipeline.model import dataset_windows, training_windows
+    from vlm_assets.storage import ArtifactStore
+
+    torch.manual_seed(0)
+    artifacts = ArtifactStore(args.root)
+    windows = training_windows(artifacts, training.StreamConfig())
+    val = dataset_windows(artifacts)
+    val = val[val["split"] == "val"].reset_index(drop=True)
+    preprocess = chart_model.create(device="cpu").preprocess
+    tower = build_tower(args.tower)
+    head = torch.nn.Linear(256, len(CORE_PATTERNS) + len(training.ANATOMY_TARGETS))
+    params = [*tower.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    schedule = training.OptimConfig(steps=args.steps, warmup_steps=50)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training._schedule(s, schedule))
+    val_pixels = torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for png in val["png"]])
+    val_truth = val[list(CORE_PATTERNS)].to_numpy(bool)
+    rng = np.random.default_rng(1)
+    dataset = training._RenderedWindows(windows, preprocess, captions=False)
+
+    def evaluate() -> float:
+        tower.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = torch.cat([head(tower(val_pixels[i:i + 128]))[:, :len(CORE_PATTERNS)].float()
+                                for i in range(0, len(val_pixels), 128)]).numpy()
+        tower.train()
+        return float(np.mean([average_precision_score(val_truth[:, j], scores[:, j]) for j in range(len(CORE_PATTERNS))]))
+
+    curve, started = [], time.perf_counter()
+    tower.train()
+    for step in range(args.steps):
+        items = [dataset[(i, plan)] for i, plan in enumerate(windows.plan(rng, args.batch_size, args.style_share))]
+        pixels = torch.stack([it["pixels"] for it in items])
+        labels = torch.stack([it["labels"] for it in items])
+        anatomy = torch.stack([it["anatomy"] for it in items])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(tower(pixels)).float()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out[:, :len(CORE_PATTERNS)], labels) + \
+            torch.nn.functional.smooth_l1_loss(out[:, len(CORE_PATTERNS):], anatomy)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append({"step": step + 1, "val_map": round(evaluate(), 4), "loss": round(float(loss.detach()), 4),
+                          "seconds": round(time.perf_counter() - started, 1)})
+            print(json.dumps(curve[-1]), flush=True)
+    base_rate = float(val_truth.mean())
+    return {"tower": args.tower, "style_share": args.style_share, "lr": args.lr, "steps": args.steps,
+            "val_base_rate": round(base_rate, 4), "curve": curve}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("artifacts"))
+    parser.add_argument("--tower", choices=("convstem", "plain"), default="convstem")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--style-share", type=float, default=1.0, help="share of randomized styles (rest: fixed preset)")
+    parser.add_argument("--eval-every", type=int, default=250)
+    args = parser.parse_args()
+    report = {"machine": machine_info(), "command": " ".join(sys.argv)} | run(args)
+    print(json.dumps(report, indent=2))
+    print("| step | val mean AP | loss | seconds |\n|---|---|---|---|")
+    for row in report["curve"]:
+        print(f"| {row['step']} | {row['val_map']:.3f} | {row['loss']:.3f} | {row['seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
