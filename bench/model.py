@@ -3,9 +3,10 @@
     python bench/model.py [--root DIR] [--json out.json] [--skip-data]
 
 Materializes the data assets (unless --skip-data and they exist in --root) and then chart_clip_pretrained ->
-zero_shot_baseline -> chart_clip_finetuned -> model_evaluation, then calibrator and feature_model, with their checks, in-process, as `candle-vlm run`
-does, and prints a table and a JSON report: wall time per model asset, training throughput, and the metrics of
-model_evaluation against the acceptance floors of issue 3.
+zero_shot_baseline -> chart_clip_finetuned -> model_evaluation, then the fusion group (calibrator,
+resnet_baseline, feature_model, fuser), with their checks, in-process as `candle-vlm run` does. Prints a table and
+a JSON report: wall time per asset, training throughput, model_evaluation's metrics against the acceptance floors,
+calibration before/after and every model's and fuser's test macro F1.
 """
 
 from __future__ import annotations
@@ -65,8 +66,9 @@ def run(root: Path, skip_data: bool) -> dict:
     report["floors"] = {k: f"{op} {v}" for k, (op, v) in MODEL_KPIS.items()} | {"training_seconds": "<= 1200"}
     report["calibration"] = store.read_json(f"calibrator/{store.current_version('calibrator')}/report.json")["summary"]
     report["calibration_floors"] = {k: f"{op} {v}" for k, (op, v) in CALIBRATION_KPIS.items()}
-    report["feature_model"] = store.read_json(
-        f"feature_model/{store.current_version('feature_model')}/evaluation.json")["summary"]
+    for name, file in (("feature_model", "evaluation.json"), ("resnet_baseline", "evaluation.json"), ("fuser", "report.json")):
+        report[name] = store.read_json(f"{name}/{store.current_version(name)}/{file}")["summary"]
+    report["fusion_test"] = store.read_json(f"fuser/{store.current_version('fuser')}/report.json")["test"]
     report["checks"] = check_outcomes(result)
     return report
 
@@ -87,8 +89,9 @@ def table(report: dict) -> str:
     for key, value in report["calibration"].items():
         bound = report["calibration_floors"].get(key, "")
         lines.append(f"| {key} | {value:.4f} | {bound} |" if isinstance(value, float) else f"| {key} | {value} | {bound} |")
-    lines += ["", "| feature model (test) | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.3f} |" for key, value in report["feature_model"].items()]
+    lines += ["", "| fusion (test macro F1 over the core patterns) | value |", "|---|---|"]
+    lines += [f"| {row['model']} | {row['test_macro_f1']:.3f} |" for row in report["fusion_test"]]
+    lines.append(f"| active fuser | {report['fuser']['active']}: {report['fuser']['reason']} |")
     return "\n".join(lines)
 
 
