@@ -16,15 +16,15 @@ def _world(rng, n):
 def test_late_fusion_beats_each_source_and_degrades_to_the_sources_it_has():
     rng = np.random.default_rng(0)
     truth, strong, weak = _world(rng, 600)
-    late, val_f1 = fusion.fit_late_fusion({"vlm": strong, "features": weak}, truth, CLASSES)
-    assert 0 < late.weights["features"] < late.weights["vlm"]
-    singles = [fusion.fit_late_fusion({"vlm": strong}, truth, CLASSES)[1],
-               fusion.fit_late_fusion({"features": weak}, truth, CLASSES)[1]]
-    assert val_f1 >= max(singles)
-    assert set(late.thresholds) == {"vlm", "features", "vlm+features"}
+    late, validation = fusion.fit_late_fusion({"vlm": strong, "features": weak}, truth, CLASSES)
+    both = late.weights["vlm+features"]
+    assert 0 < both["features"] < both["vlm"] and sum(both.values()) == pytest.approx(1.0)
+    f1 = validation.set_index("available")["val_macro_f1"]
+    assert f1["vlm+features"] >= max(f1["vlm"], f1["features"])
+    assert set(late.thresholds) == set(late.weights) == {"vlm", "features", "vlm+features"}
     fused, predicted, used = late.predict({"vlm": strong, "features": weak})
     assert used == ["vlm", "features"] and predicted.shape == truth.shape
-    assert np.allclose(fused, late.weights["vlm"] * strong + late.weights["features"] * weak)
+    assert np.allclose(fused, both["vlm"] * strong + both["features"] * weak)
     # An image-only request has no engineered features: the VLM alone, with its own thresholds.
     fused, predicted, used = late.predict({"vlm": strong, "features": None})
     assert used == ["vlm"] and np.allclose(fused, strong)
@@ -34,6 +34,21 @@ def test_late_fusion_beats_each_source_and_degrades_to_the_sources_it_has():
     again = fusion.LateFusion.from_dict(late.to_dict())
     assert np.array_equal(again.predict({"vlm": strong, "features": weak})[1],
                           late.predict({"vlm": strong, "features": weak})[1])
+
+
+def test_a_source_joins_late_fusion_only_when_it_adds_the_minimum_gain():
+    rng = np.random.default_rng(2)
+    truth, strong, weak = _world(rng, 600)
+    noise = rng.random(truth.shape)  # carries no signal: it may win a grid point by chance, never by min_gain
+    late, validation = fusion.fit_late_fusion({"vlm": strong, "resnet": noise, "features": weak}, truth, CLASSES,
+                                              min_gain=0.02)
+    assert late.sources_for(["vlm", "resnet", "features"]) in (["vlm"], ["vlm", "features"])
+    assert "resnet" not in late.sources_for(["vlm", "resnet"])  # the expensive model need not even run
+    assert late.sources_for(["resnet"]) == ["resnet"]  # alone, it is all there is
+    rows = validation.set_index("available")
+    assert rows.loc["vlm+resnet+features", "val_macro_f1"] >= rows.loc["vlm", "val_macro_f1"]
+    strict, _ = fusion.fit_late_fusion({"vlm": strong, "features": weak}, truth, CLASSES, min_gain=1.0)
+    assert strict.sources_for(["vlm", "features"]) == ["vlm"]  # nothing can add a whole point of F1
 
 
 def test_learned_fusion_trains_round_trips_and_the_choice_says_why():
@@ -61,9 +76,11 @@ def test_learned_fusion_trains_round_trips_and_the_choice_says_why():
     assert active == "late" and "exceeds the bound" in why
     late, _ = fusion.fit_late_fusion({"features": good[500:]}, truth[500:], CLASSES)
     learned.thresholds["b"] = float("inf")  # a pattern never seen in validation is never predicted, and survives JSON
-    document, late_again, learned_again = fusion.load_fuser(fusion.fuser_files(late, active, why, learned))
-    assert document["active"] == "late" and document["reason"] == why
-    assert np.allclose(learned_again.probabilities(val_x), learned.probabilities(val_x))
-    assert learned_again.thresholds == learned.thresholds
+    platt = fusion.fit_source_calibrator(good[500:], truth[500:], CLASSES)
+    stored = fusion.load_fuser(fusion.fuser_files(fusion.Fuser(active, why, late, learned, {"features": platt})))
+    assert stored.active == "late" and stored.reason == why
+    assert np.allclose(stored.learned.probabilities(val_x), learned.probabilities(val_x))
+    assert stored.learned.thresholds == learned.thresholds
+    assert np.allclose(stored.calibrated("features", good[:5]), platt.probabilities(fusion.logit(good[:5])))
     with pytest.raises(ValueError, match="needs every input"):
         fusion.fusion_inputs({"vlm": np.zeros((1, 4)), "resnet": None, "features": np.zeros((1, 5))})

@@ -1,9 +1,10 @@
 """Fusing the pattern scores of several models.
 
-* Late fusion: a weighted sum of calibrated per-pattern probabilities, one weight per source, fitted on validation
-  (grid over the simplex, best validation macro F1). Any subset of sources works: the weights of the sources at
-  hand are renormalized and each subset has its own validation thresholds, so a request without bars (no
-  engineered features) degrades to the image models instead of failing.
+* Late fusion: a weighted sum of calibrated per-pattern probabilities, fitted on validation (grid over the
+  simplex, best validation macro F1, max-F1 thresholds). Weights and thresholds are fitted for every subset of
+  sources a request may have, so a request without bars (no engineered features) gets the image models' own
+  fusion instead of failing. A source joins only when it adds at least `min_gain` validation macro F1, so a weak
+  or expensive model is not kept for noise.
 * Learned fusion: a small MLP over the concatenated inputs (VLM image embedding, ResNet features, engineered
   features with a missing-value mask) giving per-pattern logits, trained on the train split with early stopping
   on validation. It needs every input.
@@ -18,14 +19,16 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from vlm_assets import evaluation as ev
 
 SOURCES = ("vlm", "resnet", "features")
-FUSION_FORMAT = "candle-vlm/fuser-1"
+FUSION_FORMAT = "candle-vlm/fuser-2"
 
 
-def _key(sources) -> str:
+def subset_key(sources) -> str:
+    sources = set(sources)
     return "+".join(s for s in SOURCES if s in sources)
 
 
@@ -40,60 +43,86 @@ def _simplex(n: int, step: float) -> list[tuple[float, ...]]:
             if sum(combo) == units]
 
 
+def subsets(sources) -> list[tuple[str, ...]]:
+    """Every non-empty subset of `sources`, in SOURCES order."""
+    present = [s for s in SOURCES if s in sources]
+    return [c for size in range(1, len(present) + 1) for c in itertools.combinations(present, size)]
+
+
 @dataclass(frozen=True)
 class LateFusion:
     classes: tuple[str, ...]
-    weights: dict[str, float]  # per source; the sources at hand are renormalized
-    thresholds: dict[str, dict[str, float]]  # per subset of sources ("vlm+features"), per class
+    weights: dict[str, dict[str, float]]  # per subset of available sources ("vlm+features"): weight per source
+    thresholds: dict[str, dict[str, float]]  # per subset of available sources: threshold per class
 
-    def fuse(self, probabilities: dict[str, np.ndarray | None]) -> tuple[np.ndarray, list[str]]:
-        """Fused probabilities and the sources used (those given, not None, with a positive weight)."""
-        used = [s for s in SOURCES if probabilities.get(s) is not None and self.weights.get(s, 0.0) > 0]
-        if not used:
-            given = sorted(k for k, v in probabilities.items() if v is not None)
-            raise ValueError(f"no usable input: given {given}, weighted sources {[s for s in SOURCES if self.weights.get(s, 0) > 0]}")
-        total = sum(self.weights[s] for s in used)
-        fused = sum(self.weights[s] / total * np.asarray(probabilities[s], dtype=np.float64) for s in used)
-        return fused, used
+    def sources_for(self, available) -> list[str]:
+        """The sources a request with `available` inputs is fused from (positive weight): the others need not run."""
+        key = subset_key(available)
+        if key not in self.weights:
+            raise ValueError(f"no usable input: given {sorted(available)}, fitted for {sorted(self.weights)}")
+        return [s for s in SOURCES if self.weights[key].get(s, 0.0) > 0]
+
+    def fuse(self, probabilities: dict[str, np.ndarray | None]) -> tuple[np.ndarray, list[str], str]:
+        """Fused probabilities, the sources used and the availability key whose weights applied."""
+        key = subset_key(s for s, p in probabilities.items() if p is not None)
+        used = self.sources_for(key.split("+"))
+        fused = sum(self.weights[key][s] * np.asarray(probabilities[s], dtype=np.float64) for s in used)
+        return fused, used, key
 
     def predict(self, probabilities: dict[str, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(fused probabilities, bool predictions with the used subset's thresholds, sources used)."""
-        fused, used = self.fuse(probabilities)
-        return fused, ev.apply_thresholds(fused, self.thresholds[_key(used)], self.classes), used
+        """(fused probabilities, bool predictions with that availability's thresholds, sources used)."""
+        fused, used, key = self.fuse(probabilities)
+        return fused, ev.apply_thresholds(fused, self.thresholds[key], self.classes), used
 
     def to_dict(self) -> dict:
         return {"classes": list(self.classes), "weights": self.weights, "thresholds": self.thresholds}
 
     @classmethod
     def from_dict(cls, data: dict) -> LateFusion:
+        weights = {k: {s: float(w) for s, w in v.items()} for k, v in data["weights"].items()}
         thresholds = {k: {c: float(v) for c, v in t.items()} for k, t in data["thresholds"].items()}
-        return cls(tuple(data["classes"]), {k: float(v) for k, v in data["weights"].items()}, thresholds)
+        return cls(tuple(data["classes"]), weights, thresholds)
 
 
 def fit_late_fusion(val_probabilities: dict[str, np.ndarray], val_truth: np.ndarray, classes: tuple[str, ...],
-                    step: float = 0.1) -> tuple[LateFusion, float]:
-    """Weights on a simplex grid maximizing validation macro F1 (max-F1 thresholds per class); then thresholds for
-    every subset of the sources. Returns the fusion and its validation macro F1 with all sources."""
+                    step: float = 0.1, min_gain: float = 0.0) -> tuple[LateFusion, pd.DataFrame]:
+    """Weights on a simplex grid and max-F1 thresholds, per subset of available sources, maximizing validation
+    macro F1; a combination with more sources must beat the best with fewer by `min_gain`. Returns the fusion and a
+    validation table (availability, sources used, weights, macro F1)."""
     sources = [s for s in SOURCES if s in val_probabilities]
     if not sources:
         raise ValueError("late fusion needs at least one source")
-    best, best_f1 = None, -1.0
-    for weights in _simplex(len(sources), step):
-        if max(weights) == 0:
-            continue
-        fused = sum(w * val_probabilities[s] for w, s in zip(weights, sources))
+    trials = []  # (support, weights, thresholds, score): each grid point once
+    for point in _simplex(len(sources), step):
+        weights = {s: w for s, w in zip(sources, point) if w > 0}
+        fused = sum(w * val_probabilities[s] for s, w in weights.items())
         thresholds = ev.best_f1_thresholds(val_truth, fused, classes)
-        score = macro_f1(val_truth, fused, thresholds, classes)
-        if score > best_f1 + 1e-12:  # first best wins: deterministic
-            best, best_f1 = dict(zip(sources, weights)), score
-    thresholds = {}
-    for size in range(1, len(sources) + 1):
-        for subset in itertools.combinations(sources, size):
-            if sum(best[s] for s in subset) == 0:
-                continue
-            fused, used = LateFusion(classes, best, {}).fuse({s: val_probabilities[s] for s in subset})
-            thresholds.setdefault(_key(used), ev.best_f1_thresholds(val_truth, fused, classes))
-    return LateFusion(classes, best, thresholds), best_f1
+        trials.append((tuple(weights), weights, thresholds, macro_f1(val_truth, fused, thresholds, classes)))
+    chosen_weights, chosen_thresholds, rows = {}, {}, []
+    for available in subsets(sources):
+        best = None  # first best wins within a support size: deterministic
+        for size in range(1, len(available) + 1):
+            candidates = [t for t in trials if len(t[0]) == size and set(t[0]) <= set(available)]
+            top = max(candidates, key=lambda t: t[3])
+            if best is None or top[3] > best[3] + min_gain:
+                best = top
+        key = subset_key(available)
+        chosen_weights[key], chosen_thresholds[key] = best[1], best[2]
+        rows.append({"available": key, "used": subset_key(best[0]), "weights": best[1], "val_macro_f1": best[3]})
+    return LateFusion(tuple(classes), chosen_weights, chosen_thresholds), pd.DataFrame(rows)
+
+
+def fit_source_calibrator(val_probabilities: np.ndarray, val_truth: np.ndarray, classes: tuple[str, ...]):
+    """Platt scaling of a model's probabilities on their logits, fitted on validation."""
+    from vlm_assets import calibration as cal
+
+    logits = logit(val_probabilities)
+    return cal.fit(logits, logits, val_truth, classes)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 # ---- learned fusion ----------------------------------------------------------------------------------------
@@ -207,11 +236,28 @@ def choose(late_val_f1: float, learned: dict | None, max_gap: float) -> tuple[st
                        f"{late_val_f1:.4f} with a train/validation gap of {gap:.4f} <= {max_gap:.4f}")
 
 
-def fuser_files(late: LateFusion, active: str, reason: str, learned: LearnedFusion | None) -> dict[str, bytes]:
-    """`fuser.json` (late fusion, the choice and why, the learned fuser's scaling) and, when there is a learned
-    fuser, `learned.safetensors` (its weights)."""
-    document = {"format": FUSION_FORMAT, "active": active, "reason": reason, "late": late.to_dict()}
+@dataclass
+class Fuser:
+    """What the `fuser` asset stores: the active fusion and why, late fusion, the learned fuser if one was trained,
+    and the Platt scaling of the raw ResNet and feature-model probabilities (the VLM's is the `calibrator`)."""
+
+    active: str
+    reason: str
+    late: LateFusion
+    learned: LearnedFusion | None
+    calibrators: dict = field(default_factory=dict)  # source -> calibration.Calibrator
+
+    def calibrated(self, source: str, probabilities: np.ndarray) -> np.ndarray:
+        return self.calibrators[source].probabilities(logit(probabilities))
+
+
+def fuser_files(fuser: Fuser) -> dict[str, bytes]:
+    """`fuser.json` (late fusion, the choice and why, source calibrators, the learned fuser's scaling) and, when
+    there is a learned fuser, `learned.safetensors` (its weights)."""
+    document = {"format": FUSION_FORMAT, "active": fuser.active, "reason": fuser.reason, "late": fuser.late.to_dict(),
+                "calibrators": {s: c.to_dict() for s, c in fuser.calibrators.items()}}
     files = {}
+    learned = fuser.learned
     if learned is not None:
         from safetensors.torch import save
 
@@ -224,14 +270,15 @@ def fuser_files(late: LateFusion, active: str, reason: str, learned: LearnedFusi
     return files
 
 
-def load_fuser(files: dict[str, bytes]) -> tuple[dict, LateFusion, LearnedFusion | None]:
-    """(document, late fusion, learned fusion or None) from `fuser_files` output."""
+def load_fuser(files: dict[str, bytes]) -> Fuser:
+    """The `Fuser` stored by `fuser_files`."""
     from safetensors.torch import load
+
+    from vlm_assets.calibration import Calibrator
 
     document = json.loads(files["fuser.json"])
     if document.get("format") != FUSION_FORMAT:
         raise ValueError(f"not a fuser: format {document.get('format')!r}, expected {FUSION_FORMAT!r}")
-    late = LateFusion.from_dict(document["late"])
     learned = None
     if "learned" in document:
         spec = document["learned"]
@@ -240,4 +287,5 @@ def load_fuser(files: dict[str, bytes]) -> tuple[dict, LateFusion, LearnedFusion
         model.load_state_dict(load(files["learned.safetensors"]))
         learned = LearnedFusion(tuple(spec["classes"]), model, mean, std,
                                 {c: float(v) for c, v in spec["thresholds"].items()})
-    return document, late, learned
+    calibrators = {s: Calibrator.from_dict(c) for s, c in document.get("calibrators", {}).items()}
+    return Fuser(document["active"], document["reason"], LateFusion.from_dict(document["late"]), learned, calibrators)

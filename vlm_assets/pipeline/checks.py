@@ -246,10 +246,10 @@ def _fuser_files(store: ArtifactStoreResource) -> dict[str, bytes]:
 def fuser_loads(store: ArtifactStoreResource) -> AssetCheckResult:
     from vlm_assets.fusion import load_fuser
 
-    document, late, learned = load_fuser(_fuser_files(store))
-    ok = document["active"] == "late" or (document["active"] == "learned" and learned is not None)
-    return AssetCheckResult(passed=ok and bool(late.thresholds), severity=ERROR,
-                            metadata={"active": document["active"], "reason": document["reason"]})
+    fuser = load_fuser(_fuser_files(store))
+    ok = fuser.active == "late" or (fuser.active == "learned" and fuser.learned is not None)
+    return AssetCheckResult(passed=ok and bool(fuser.late.thresholds), severity=ERROR,
+                            metadata={"active": fuser.active, "reason": fuser.reason})
 
 
 @asset_check(asset=fuser, description="fused test macro F1 >= the best single model's")

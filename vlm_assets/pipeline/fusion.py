@@ -218,22 +218,13 @@ def resnet_baseline(context: AssetExecutionContext, config: ResNetAssetConfig, s
 
 class FuserConfig(Config):
     grid_step: float = Field(default=0.1, description="late-fusion weight grid on the simplex")
+    min_gain: float = Field(default=0.005, description="validation macro F1 a source must add to join late fusion")
     learned: bool = Field(default=True, description="train the learned (MLP) fuser and consider it")
     max_train_val_gap: float = Field(default=0.10, description="largest train-minus-validation macro F1 gap for "
                                      "the learned fuser to be used")
     hidden: int = fusion.LearnedFusionConfig.hidden
     epochs: int = fusion.LearnedFusionConfig.epochs
     seed: int = fusion.LearnedFusionConfig.seed
-
-
-def _calibrated(val_p: np.ndarray, val_truth: np.ndarray, probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Platt scaling of a model's probabilities (on their logits), fitted on validation."""
-    def logit(p):
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
-
-    fitted = cal.fit(logit(val_p), logit(val_p), val_truth, CORE_PATTERNS)
-    return {split: fitted.probabilities(logit(p)) for split, p in probabilities.items()}
 
 
 def _load_resnet(artifacts, device: str):
@@ -243,7 +234,7 @@ def _load_resnet(artifacts, device: str):
     return baseline
 
 
-@asset(group_name=FUSION_GROUP, code_version="1", deps=[calibrator, resnet_baseline, feature_model],
+@asset(group_name=FUSION_GROUP, code_version="2", deps=[calibrator, resnet_baseline, feature_model],
        kinds={"pytorch", "lightgbm"})
 def fuser(context: AssetExecutionContext, config: FuserConfig, store: ArtifactStoreResource,
           compute: ComputeResource) -> MaterializeResult:
@@ -269,11 +260,14 @@ def fuser(context: AssetExecutionContext, config: FuserConfig, store: ArtifactSt
     boosted = feat.FeatureModel.from_json(
         artifacts.read_bytes(f"feature_model/{model_version}/feature_model.json").decode())
     feature_p = {split: boosted.predict(features[split]) for split in splits}
-    probabilities = {"vlm": vlm, "resnet": _calibrated(resnet_p["val"], truth["val"], resnet_p),
-                     "features": _calibrated(feature_p["val"], truth["val"], feature_p)}
+    raw = {"resnet": resnet_p, "features": feature_p}
+    calibrators = {s: fusion.fit_source_calibrator(p["val"], truth["val"], CORE_PATTERNS) for s, p in raw.items()}
+    probabilities = {"vlm": vlm} | {s: {split: calibrators[s].probabilities(fusion.logit(p)) for split, p in
+                                        raw[s].items()} for s in raw}
 
-    late, late_val_f1 = fusion.fit_late_fusion({s: probabilities[s]["val"] for s in fusion.SOURCES}, truth["val"],
-                                               CORE_PATTERNS, config.grid_step)
+    late, validation = fusion.fit_late_fusion({s: probabilities[s]["val"] for s in fusion.SOURCES}, truth["val"],
+                                              CORE_PATTERNS, config.grid_step, config.min_gain)
+    late_val_f1 = float(validation["val_macro_f1"].iloc[-1])  # every source available
     learned, learned_stats = None, None
     if config.learned:
         inputs = {split: fusion.fusion_inputs({"vlm": embeddings[split], "resnet": resnet_features[split],
@@ -286,8 +280,7 @@ def fuser(context: AssetExecutionContext, config: FuserConfig, store: ArtifactSt
 
     rows = []
     for source in fusion.SOURCES:  # each model alone, thresholds on validation
-        single, _ = fusion.fit_late_fusion({source: probabilities[source]["val"]}, truth["val"], CORE_PATTERNS)
-        predicted = single.predict({source: probabilities[source]["test"]})[1]
+        predicted = late.predict({source: probabilities[source]["test"]})[1]  # that source alone
         rows.append({"model": source, "test_macro_f1": _test_f1(truth["test"], predicted)})
     for name, sources in (("late fusion", fusion.SOURCES), ("late fusion, image only (no bars)", ("vlm", "resnet"))):
         predicted = late.predict({s: probabilities[s]["test"] for s in sources})[1]
@@ -300,21 +293,22 @@ def fuser(context: AssetExecutionContext, config: FuserConfig, store: ArtifactSt
     active_f1 = float(table.loc[table["model"] == ("learned fusion" if active == "learned" else "late fusion"),
                                 "test_macro_f1"].iloc[0])
     summary = {"active": active, "reason": reason, "late_val_macro_f1": late_val_f1,
-               "weights": late.weights, "fused_test_macro_f1": active_f1,
+               "weights": late.weights[fusion.subset_key(fusion.SOURCES)], "fused_test_macro_f1": active_f1,
                "best_single_test_macro_f1": float(singles["test_macro_f1"].max()),
                "best_single_model": str(singles.loc[singles["test_macro_f1"].idxmax(), "model"])}
     if learned_stats is not None:
         summary |= {"learned_train_macro_f1": learned_stats["train_macro_f1"],
                     "learned_val_macro_f1": learned_stats["val_macro_f1"], "learned_epochs": learned_stats["epochs"]}
-    files = fusion.fuser_files(late, active, reason, learned)
-    files["report.json"] = json.dumps(ev.to_jsonable({"summary": summary, "test": table}), indent=2, sort_keys=True,
-                                      allow_nan=False).encode()
+    files = fusion.fuser_files(fusion.Fuser(active, reason, late, learned, calibrators))
+    files["report.json"] = json.dumps(ev.to_jsonable({"summary": summary, "test": table, "validation": validation}),
+                                      indent=2, sort_keys=True, allow_nan=False).encode()
     version = write_version(artifacts, "fuser", files)
     figure = go.Figure(go.Bar(x=table["test_macro_f1"], y=table["model"], orientation="h"))
     figure.update_layout(title="test macro F1 over the core patterns", margin=dict(l=220, r=20, t=50, b=40))
     return MaterializeResult(
         metadata={"version": version, "path": MetadataValue.path(str(artifacts.path("fuser", version))),
-                  "active": active, "reason": reason, "weights": MetadataValue.json(late.weights),
+                  "active": active, "reason": reason, "weights": MetadataValue.json(summary["weights"]),
+                  "late_fusion_by_input": md.table(validation.assign(weights=validation["weights"].map(json.dumps))),
                   "fused_test_macro_f1": MetadataValue.float(active_f1),
                   "best_single_test_macro_f1": MetadataValue.float(summary["best_single_test_macro_f1"]),
                   "models_on_test": md.table(table), "comparison": md.plot_markdown(figure, "macro F1 per model")},
