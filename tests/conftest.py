@@ -1,8 +1,18 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# Tests never touch the user's BentoML model store: a private one, set before bentoml is first imported.
+BENTOML_HOME = tempfile.mkdtemp(prefix="candle-vlm-test-bentoml-")
+os.environ["BENTOML_HOME"] = BENTOML_HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(BENTOML_HOME, ignore_errors=True)
 
 TINY_MARKET = {"symbols": ["AAA", "BBB"], "trading_days": 30, "plants_per_timeframe": 40}
 TINY_RUN_CONFIG = {
@@ -41,3 +51,23 @@ def encoder():
     from vlm_assets.text_encoder import MiniLMEncoder
 
     return MiniLMEncoder()
+
+
+def run_model_pipeline(root):
+    """Data, model and fusion assets with their checks, materialized for real on the tiny config."""
+    from dagster import materialize
+
+    from vlm_assets.definitions import DATA_ASSETS
+    from vlm_assets.pipeline.checks import FUSION_CHECKS, MODEL_CHECKS
+    from vlm_assets.pipeline.fusion import FUSION_ASSETS
+    from vlm_assets.pipeline.model import MODEL_ASSETS
+
+    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS],
+                       resources=tiny_resources(root), run_config=TINY_FULL_RUN_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def model_run(tmp_path_factory):
+    """One tiny pipeline run shared by the model, fusion and serving tests: (artifact root, result)."""
+    root = tmp_path_factory.mktemp("model-run")
+    return root, run_model_pipeline(root)

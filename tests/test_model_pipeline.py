@@ -5,39 +5,28 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from dagster import materialize
 
 from vlm_assets import evaluation as ev
-from vlm_assets.definitions import DATA_ASSETS
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets import baselines
 from vlm_assets.calibration import Calibrator
 from vlm_assets.features import FeatureModel, feature_frame
 from vlm_assets.fusion import load_fuser
 from vlm_assets.pipeline.artifacts import load_bars
-from vlm_assets.pipeline.checks import FUSION_CHECKS, MODEL_CHECKS
 from vlm_assets.pipeline.fusion import CALIBRATED_CLASSES, FUSION_ASSETS
 from vlm_assets.pipeline.model import CHECKPOINT, MODEL_ASSETS, load_model_asset
 from vlm_assets.prompts import load_prompt_library
 from vlm_assets.storage import ArtifactStore
 from vlm_assets.zero_shot import PromptEmbeddings, embed_images
 from bench.common import check_outcomes
-from tests.conftest import TINY_FULL_RUN_CONFIG, tiny_resources
+from tests.conftest import run_model_pipeline
 
 MODEL_NAMES = [a.key.to_user_string() for a in MODEL_ASSETS + FUSION_ASSETS]
 
 
-def run_all(root):
-    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS],
-                       resources=tiny_resources(root),
-                       run_config=TINY_FULL_RUN_CONFIG)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model-run")
-    result = run_all(root)
-    return root, result
+def run(model_run):
+    return model_run
 
 
 def test_model_assets_materialize_with_checkpoints_and_metadata(run):
@@ -98,7 +87,7 @@ def test_metrics_are_recomputed_from_the_models_test_predictions(run):
 
 def test_same_config_and_seed_give_identical_checkpoints_and_metrics(run, tmp_path):
     root, _ = run
-    again = run_all(tmp_path)
+    again = run_model_pipeline(tmp_path)
     assert again.success
     first, second = ArtifactStore(root), ArtifactStore(tmp_path)
     for name in MODEL_NAMES:
@@ -175,14 +164,17 @@ def test_fuser_falls_back_to_late_fusion_and_says_why(run):
     store = ArtifactStore(root)
     version = store.current_version("fuser")
     files = {n: store.read_bytes(f"fuser/{version}/{n}") for n in ("fuser.json", "learned.safetensors", "report.json")}
-    document, late, learned = load_fuser(files)
-    assert document["active"] == "late" and learned is not None  # trained, considered, rejected
-    assert "exceeds the bound" in document["reason"] or "does not beat" in document["reason"]
-    assert sum(late.weights.values()) == pytest.approx(1.0) and set(late.weights) == {"vlm", "resnet", "features"}
+    fuser = load_fuser(files)
+    assert fuser.active == "late" and fuser.learned is not None  # trained, considered, rejected
+    assert "exceeds the bound" in fuser.reason or "does not beat" in fuser.reason
+    assert set(fuser.late.weights) == {"vlm", "resnet", "features", "vlm+resnet", "vlm+features", "resnet+features",
+                                       "vlm+resnet+features"}
+    assert all(sum(w.values()) == pytest.approx(1.0) for w in fuser.late.weights.values())
+    assert set(fuser.calibrators) == {"resnet", "features"}
     report = json.loads(files["report.json"])
     models = {row["model"] for row in report["test"]}
     assert {"vlm", "resnet", "features", "late fusion", "late fusion, image only (no bars)", "learned fusion"} <= models
     meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
-    assert meta["fuser"]["active"].value == "late" and meta["fuser"]["reason"].value == document["reason"]
+    assert meta["fuser"]["active"].value == "late" and meta["fuser"]["reason"].value == fuser.reason
     checks = check_outcomes(result)
     assert checks["fuser_loads"] and "fusion_beats_single_models" in checks

@@ -12,7 +12,7 @@ from dagster import Definitions, materialize
 
 from vlm_assets.definitions import DATA_ASSETS, defs
 from vlm_assets.labeling import CORE_PATTERNS
-from vlm_assets.pipeline.checks import DATA_CHECKS, FUSION_CHECKS, MODEL_CHECKS
+from vlm_assets.pipeline.checks import DATA_CHECKS, FUSION_CHECKS, MODEL_CHECKS, SERVING_CHECKS
 from vlm_assets.pipeline.model import MODEL_ASSETS
 from vlm_assets.storage import ArtifactStore
 from bench.common import check_outcomes
@@ -119,7 +119,7 @@ def test_definitions_load_with_jobs_checks_and_resources():
     Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("main_job")
     assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS + MODEL_ASSETS}
-    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS)
+    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS) + len(SERVING_CHECKS)
 
 
 def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):
@@ -136,3 +136,4 @@ def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):
     assert (tmp_path / ".dagster_home" / "runs.db").exists() or any((tmp_path / ".dagster_home").rglob("*.db"))
     assert (tmp_path / "artifacts" / "vlm_dataset" / "CURRENT").exists()
     assert (tmp_path / "artifacts" / "model_evaluation" / "CURRENT").exists()
+    assert (tmp_path / "artifacts" / "promoted_model" / "CURRENT").exists()  # the job ends by promoting

@@ -41,16 +41,18 @@ class ResNetBaseline:
     def feature_dim(self) -> int:
         return int(self.model.num_features)
 
-    def predict(self, pngs: list[bytes], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities (n, classes), pooled features (n, feature_dim)) of PNG charts, in order."""
+    def predict(self, charts: list, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities (n, classes), pooled features (n, feature_dim)) of charts (PNG bytes or PIL images), in
+        order."""
         from PIL import Image
 
         probabilities, features = [], []
         self.model.eval()
         with torch.no_grad():
-            for start in range(0, len(pngs), batch_size):
-                pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(png)).convert("RGB"))
-                                      for png in pngs[start:start + batch_size]]).to(self.device)
+            for start in range(0, len(charts), batch_size):
+                pixels = torch.stack([self.preprocess((Image.open(io.BytesIO(c)) if isinstance(c, bytes) else c)
+                                                      .convert("RGB"))
+                                      for c in charts[start:start + batch_size]]).to(self.device)
                 pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
                 probabilities.append(torch.sigmoid(self.model.get_classifier()(pooled)).float().cpu().numpy())
                 features.append(pooled.float().cpu().numpy())

@@ -1,4 +1,5 @@
-"""`candle-vlm`: run the pipeline or open the Dagster UI with the project-local instance (./dagster.yaml)."""
+"""`candle-vlm`: run the pipeline, open the Dagster UI with the project-local instance (./dagster.yaml), list or roll
+back promoted models."""
 
 from __future__ import annotations
 
@@ -66,6 +67,35 @@ def ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def models(args: argparse.Namespace) -> int:
+    from vlm_assets import promotion
+
+    versions = promotion.history(args.name)
+    if not versions:
+        print(f"no {args.name} model in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')})")
+        return 1
+    current = promotion.promoted(args.name)
+    for model in versions:
+        labels = model.info.labels
+        marker = "*" if current is not None and model.tag == current.tag else " "
+        extra = f"  rollback of {labels['rollback_of']}" if "rollback_of" in labels else ""
+        print(f"{marker} {model.tag}  {model.info.creation_time:%Y-%m-%d %H:%M:%S}  macro F1 {labels.get('macro_f1')}  "
+              f"bundle {labels.get('bundle_id')}  dataset {labels.get('dataset_version')}{extra}")
+    return 0
+
+
+def rollback(args: argparse.Namespace) -> int:
+    from vlm_assets import promotion
+
+    try:
+        tag = promotion.rollback(args.to, args.name)
+    except ValueError as error:
+        print(f"rollback: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.name}:latest is now {tag}; restart `bentoml serve` (or redeploy) to serve it")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="candle-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     ui_parser.add_argument("--port", type=int, default=3000)
     ui_parser.add_argument("--host", default="127.0.0.1")
     ui_parser.set_defaults(handler=ui)
+    models_parser = sub.add_parser("models", help="list the promoted versions in the BentoML model store (* = current)")
+    models_parser.add_argument("--name", default="candle_vlm")
+    models_parser.set_defaults(handler=models)
+    rollback_parser = sub.add_parser("rollback", help="make an earlier promoted version current again")
+    rollback_parser.add_argument("--to", help="version (tag) to restore; default: the one before the current")
+    rollback_parser.add_argument("--name", default="candle_vlm")
+    rollback_parser.set_defaults(handler=rollback)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -119,12 +119,20 @@ class FeatureModel:
     classes: tuple[str, ...]
     boosters: dict[str, Any]  # class -> lightgbm.Booster, or a float base rate
 
-    def predict(self, features: pd.DataFrame) -> np.ndarray:
-        missing = [name for name in FEATURE_NAMES if name not in features.columns]
-        if missing:
-            raise ValueError(f"features are missing column(s) {missing}")
-        x = features[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
-        columns = [np.full(len(x), booster) if isinstance(booster, float) else booster.predict(x)
+    def predict(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """(n, classes) probabilities; `features` is a frame with FEATURE_NAMES columns or an (n, 36) array in
+        FEATURE_NAMES order (as `window_features` gives)."""
+        if isinstance(features, np.ndarray):
+            if features.ndim != 2 or features.shape[1] != len(FEATURE_NAMES):
+                raise ValueError(f"features must be (n, {len(FEATURE_NAMES)}) in FEATURE_NAMES order, got {features.shape}")
+            x = features.astype(np.float64, copy=False)
+        else:
+            missing = [name for name in FEATURE_NAMES if name not in features.columns]
+            if missing:
+                raise ValueError(f"features are missing column(s) {missing}")
+            x = features[list(FEATURE_NAMES)].to_numpy(dtype=np.float64)
+        # one thread: a few rows gain nothing from OpenMP, which would fight the encoder's threads for the cores
+        columns = [np.full(len(x), booster) if isinstance(booster, float) else booster.predict(x, num_threads=1)
                    for booster in (self.boosters[c] for c in self.classes)]
         return np.column_stack(columns) if columns else np.zeros((len(x), 0))
 

@@ -55,6 +55,13 @@ def validate_bars(frame: pd.DataFrame, source: str, timezone: str | None = None)
             raise MarketDataError(source, f"'{name}' is numeric", row + 1, f"'{name}' is not a number: {raw.iloc[row]!r}")
         values[name] = numeric
 
+    check_rows(timestamps, values, source)
+    return pd.DataFrame(values, index=pd.DatetimeIndex(timestamps, name="timestamp"))
+
+
+def check_rows(timestamps: pd.DatetimeIndex, values: dict[str, np.ndarray], source: str) -> None:
+    """The row rules (finite, positive prices, volume >= 0, OHLC consistency, increasing time) on float columns;
+    raises a MarketDataError for the first failing row, naming the rule."""
     failures: list[tuple[int, int, str, str]] = []  # (row, rule order, rule, detail)
 
     def first_failure(mask: np.ndarray, order: int, rule: str, describe) -> None:
@@ -83,8 +90,6 @@ def validate_bars(frame: pd.DataFrame, source: str, timezone: str | None = None)
         others = sum(1 for f in failures if f[0] != row)
         suffix = f" ({others} other rule(s) also fail on later rows)" if others else ""
         raise MarketDataError(source, rule, row + 1, detail + suffix)
-
-    return pd.DataFrame(values, index=pd.DatetimeIndex(timestamps, name="timestamp"))
 
 
 def _parse_timestamps(raw: pd.Series, source: str, timezone: str | None) -> pd.DatetimeIndex:

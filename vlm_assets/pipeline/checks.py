@@ -17,6 +17,7 @@ from vlm_assets.pipeline.artifacts import load_bars, load_labels, read_frame
 from vlm_assets.pipeline.data import ohlcv_bars, pattern_labels, vlm_dataset
 from vlm_assets.pipeline.fusion import calibrator, fuser
 from vlm_assets.pipeline.model import chart_clip_finetuned, model_evaluation
+from vlm_assets.pipeline.serving import promoted_model
 from vlm_resources import ArtifactStoreResource, MarketDataResource
 
 ERROR, WARN = AssetCheckSeverity.ERROR, AssetCheckSeverity.WARN
@@ -260,3 +261,44 @@ def fusion_beats_single_models(store: ArtifactStoreResource) -> AssetCheckResult
 
 
 FUSION_CHECKS = [calibrator_loads, calibration_kpis, fuser_loads, fusion_beats_single_models]
+
+
+def _promotion_record(store: ArtifactStoreResource) -> dict:
+    artifacts = store.store()
+    return artifacts.read_json(f"promoted_model/{artifacts.current_version('promoted_model')}/promotion.json")
+
+
+@asset_check(asset=promoted_model, description="the model store's current bundle loads and answers a chart of bars")
+def promoted_bundle_serves(store: ArtifactStoreResource) -> AssetCheckResult:
+    from vlm_assets import promotion
+    from vlm_assets.prompts import case_bars
+    from vlm_assets.serving.predictor import Predictor
+
+    record = _promotion_record(store)
+    current = promotion.promoted(record["tag"].split(":")[0])
+    if current is None or str(current.tag) != record["tag"]:
+        return AssetCheckResult(passed=False, severity=ERROR, metadata={
+            "expected": record["tag"], "current": None if current is None else str(current.tag)})
+    predictor = Predictor(current.path)
+    window = predictor.window(case_bars("hammer", 0))
+    answer = predictor.score_patterns(predictor.encode([predictor.render(window)])[0], [*CORE_PATTERNS, "a doji"],
+                                      predictor.features([window])[0])
+    probabilities = np.array(list(answer["probabilities"].values()))
+    ok = bool(np.isfinite(probabilities).all() and ((probabilities >= 0) & (probabilities <= 1)).all())
+    return AssetCheckResult(passed=ok, severity=ERROR, metadata={"tag": record["tag"],
+                                                                 "sources": ", ".join(answer["sources"])})
+
+
+@asset_check(asset=promoted_model, description="serving reproduces the fuser: the candidate's test macro F1 through "
+             "the predictor equals the fuser's reported figure (no training/serving skew)")
+def serving_matches_fuser(store: ArtifactStoreResource) -> AssetCheckResult:
+    artifacts = store.store()
+    record = _promotion_record(store)
+    fuser_version = record["manifest"]["parts"]["fuser"]
+    reported = artifacts.read_json(f"fuser/{fuser_version}/report.json")["summary"]["fused_test_macro_f1"]
+    served = record["candidate"]["macro_f1"]
+    return AssetCheckResult(passed=abs(served - reported) < 1e-9, severity=ERROR,
+                            metadata={"served_test_macro_f1": served, "fuser_test_macro_f1": reported})
+
+
+SERVING_CHECKS = [promoted_bundle_serves, serving_matches_fuser]

@@ -25,7 +25,7 @@ from vlm_assets.zero_shot import PromptEmbeddings, embed_images, encode_texts, e
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 MODEL_GROUP = "model"
-CHECKPOINT = "model.safetensors"
+CHECKPOINT = chart_model.CHECKPOINT_FILE
 
 
 class TrainConfig(Config):

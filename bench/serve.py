@@ -1,0 +1,129 @@
+"""HTTP benchmark of the inference service on loopback: latency and throughput of /predict/patterns.
+
+    python bench/serve.py [--sequential 500] [--concurrency 16] [--requests 2000] [--bars 100] [--json out.json]
+
+Starts `bentoml serve bento.service:CandleVLM` (the promoted model: `candle_vlm:latest` in $BENTOML_HOME, or
+CANDLE_VLM_MODEL) on a free port, warms it up, then measures (1) sequential requests with 100 bars: median, P95,
+P99 latency as the client sees it; (2) requests per second at the given concurrency; and reports the batch sizes the
+server's adaptive batcher formed (from its /metrics, both phases). The client (aiohttp) runs on the same machine and shares its
+cores with the server, as it would for a co-located caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
+
+from bench.common import Server, machine_info, synthetic_bars  # noqa: E402
+
+
+def batch_histogram(metrics: str) -> dict:
+    """Per-bucket counts of the encoder's batch sizes (bucket upper bounds), their mean and the batch count."""
+    buckets = {}
+    for le, value in re.findall(r'candle_vlm_encode_batch_size_bucket\{le="([^"]+)"\} ([0-9.e+]+)', metrics):
+        buckets[le] = buckets.get(le, 0.0) + float(value)
+    total = sum(float(v) for v in re.findall(r"candle_vlm_encode_batch_size_sum ([0-9.e+]+)", metrics))
+    count = sum(float(v) for v in re.findall(r"candle_vlm_encode_batch_size_count ([0-9.e+]+)", metrics))
+    cumulative, previous = {}, 0.0
+    for le in sorted(buckets, key=lambda b: float("inf") if b == "+Inf" else float(b)):
+        cumulative[le] = int(buckets[le] - previous)
+        previous = buckets[le]
+    return {"batches": int(count), "mean_batch_size": total / count if count else 0.0,
+            "batches_by_size_up_to": {k: v for k, v in cumulative.items() if v}}
+
+
+async def measure(url: str, payload: dict, sequential: int, concurrency: int, requests: int) -> dict:
+    import aiohttp
+
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=max(concurrency, 1))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one() -> float:
+            started = time.perf_counter()
+            async with session.post(f"{url}/predict/patterns", data=body, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+            return time.perf_counter() - started
+
+        for _ in range(30):  # warm-up: connection, allocator, dispatcher's latency model
+            await one()
+        async with session.get(f"{url}/metrics") as response:
+            before = batch_histogram(await response.text())
+        latencies = np.array([await one() for _ in range(sequential)]) * 1000
+
+        queue = iter(range(requests))
+
+        async def worker(times: list):
+            for _ in queue:
+                times.append(await one())
+
+        times: list = []
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(times) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        async with session.get(f"{url}/metrics") as response:
+            after = batch_histogram(await response.text())
+    concurrent = np.array(times) * 1000
+    formed = {k: v - before["batches_by_size_up_to"].get(k, 0) for k, v in after["batches_by_size_up_to"].items()}
+    batches = after["batches"] - before["batches"]
+    items = after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]
+    return {
+        "sequential": {"requests": sequential, "p50_ms": float(np.percentile(latencies, 50)),
+                       "p95_ms": float(np.percentile(latencies, 95)), "p99_ms": float(np.percentile(latencies, 99)),
+                       "mean_ms": float(latencies.mean())},
+        "concurrent": {"concurrency": concurrency, "requests": requests, "seconds": elapsed,
+                       "requests_per_second": requests / elapsed, "p50_ms": float(np.percentile(concurrent, 50)),
+                       "p95_ms": float(np.percentile(concurrent, 95))},
+        "batches": {"formed_during_benchmark": batches, "mean_batch_size": items / batches if batches else 0.0,
+                    "batches_by_size_up_to": {k: v for k, v in formed.items() if v}},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sequential", type=int, default=500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=2000, help="requests in the concurrent phase")
+    parser.add_argument("--bars", type=int, default=100)
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args(argv)
+
+    payload = {"symbol": "BENCH", "timeframe": "5m", "bars": synthetic_bars(args.bars)}
+    with tempfile.TemporaryDirectory(prefix="candle-vlm-serve-bench-") as scratch:
+        env = {"CANDLE_VLM_PREDICTION_LOG": str(Path(scratch) / "predictions")}
+        with Server(env, log_path=str(Path(scratch) / "server.log")) as server:
+            report = asyncio.run(measure(server.url, payload, args.sequential, args.concurrency, args.requests))
+        logged = sum(1 for p in (Path(scratch) / "predictions").rglob("*.jsonl") for _ in p.open("rb"))
+    report |= {"bars": args.bars, "logged_predictions": logged, "machine": machine_info(),
+               "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    seq, conc = report["sequential"], report["concurrent"]
+    rows = [("sequential P50 / P95 / P99 (ms)", f"{seq['p50_ms']:.1f} / {seq['p95_ms']:.1f} / {seq['p99_ms']:.1f}"),
+            (f"throughput at concurrency {conc['concurrency']} (req/s)", f"{conc['requests_per_second']:.1f}"),
+            ("concurrent P50 / P95 (ms)", f"{conc['p50_ms']:.1f} / {conc['p95_ms']:.1f}"),
+            ("encoder batches formed (size bucket: count)",
+             ", ".join(f"<={k}: {v}" for k, v in report["batches"]["batches_by_size_up_to"].items())),
+            ("mean encoder batch size (both phases)", f"{report['batches']['mean_batch_size']:.2f}"),
+            ("predictions logged", str(logged))]
+    print(json.dumps(report, indent=2))
+    print()
+    for name, value in rows:
+        print(f"{name:48s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

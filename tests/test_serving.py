@@ -1,0 +1,254 @@
+"""Promotion into the BentoML model store, the predictor, the service class called directly, and a real
+`bentoml serve` on a loopback port exercised over HTTP (tiny pipeline; the test session has its own BENTOML_HOME)."""
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from dagster import materialize
+from PIL import Image
+
+from bench.common import Server, check_outcomes, synthetic_bars
+from vlm_assets import promotion
+from vlm_assets.cli import main as cli
+from vlm_assets.labeling import CORE_PATTERNS
+from vlm_assets.pipeline.checks import SERVING_CHECKS
+from vlm_assets.pipeline.serving import promoted_model
+from vlm_assets.serving.prediction_log import read_predictions
+from vlm_assets.serving.predictor import Predictor, embedding_id
+from vlm_assets.serving.requests import parse_bars
+from vlm_assets.storage import ArtifactStore
+from tests.conftest import tiny_resources
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+NAME = "serving_test"  # this module's model in the session's model store (other tests run the main job too)
+SERVED = {"CANDLE_VLM_MODEL": f"{NAME}:latest"}
+
+
+def promote(root, **config):
+    result = materialize([promoted_model, *SERVING_CHECKS], resources=tiny_resources(root),
+                         run_config={"ops": {"promoted_model": {"config": {"model_name": NAME} | config}}})
+    assert result.success
+    checks = check_outcomes(result)
+    assert checks == {"promoted_bundle_serves": True, "serving_matches_fuser": True}, checks
+    return result.get_asset_materialization_events()[0].materialization.metadata
+
+
+@pytest.fixture(scope="module")
+def promoted(model_run):
+    root, _ = model_run
+    metadata = promote(root)
+    return root, metadata
+
+
+def png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promoted):
+    root, metadata = promoted
+    store = ArtifactStore(root)
+    assert metadata["decision"].value == "promoted" and metadata["reason"].value == "no model is promoted yet"
+    current = promotion.promoted(NAME)
+    assert str(current.tag) == metadata["model_tag"].value
+    labels = current.info.labels
+    assert labels["dataset_version"] == store.current_version("vlm_dataset") and labels["bundle_id"]
+    # What promotion measured through the predictor is what the fuser reported for its active fusion on test.
+    fuser_report = store.read_json(f"fuser/{store.current_version('fuser')}/report.json")
+    assert metadata["test_macro_f1"].value == pytest.approx(fuser_report["summary"]["fused_test_macro_f1"], abs=1e-9)
+    with open(os.path.join(current.path, "bundle.json")) as handle:
+        manifest = json.load(handle)
+    assert manifest["parts"]["fuser"] == store.current_version("fuser")
+    assert manifest["dataset_version"] == labels["dataset_version"]
+
+    # Not worse is the rule: an impossible margin keeps the promoted model, and says why.
+    kept = promote(root, tolerance=-1.0)
+    assert kept["decision"].value == "kept" and "kept the promoted model" in kept["reason"].value
+    assert str(promotion.promoted(NAME).tag) == str(current.tag)
+    forced = promote(root, force=True)
+    assert forced["decision"].value == "promoted" and forced["model_tag"].value != str(current.tag)
+    assert len(promotion.history(NAME)) == 2
+
+    # A rollback is one command; it adds a version, never rewrites history.
+    assert cli(["rollback", "--name", NAME]) == 0
+    versions = promotion.history(NAME)
+    assert len(versions) == 3 and versions[-1].info.labels["rollback_of"] == str(versions[0].tag.version)
+    assert versions[-1].info.labels["bundle_id"] == versions[0].info.labels["bundle_id"]
+    assert str(promotion.promoted(NAME).tag) == str(versions[-1].tag)
+    assert cli(["models", "--name", NAME]) == 0
+    with pytest.raises(ValueError, match="no candle_other model"):
+        promotion.rollback(name="candle_other")
+
+
+def test_predictor_answers_trained_library_and_free_text_patterns(promoted):
+    predictor = Predictor(promotion.promoted(NAME).path)
+    frame = parse_bars(synthetic_bars(100))
+    window = predictor.window(frame)
+    image = predictor.render(window)
+    embedding = predictor.encode([image])[0]
+    assert embedding.shape == (256,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-4)
+    assert embedding_id(predictor.encode([image])[0]) == embedding_id(embedding)  # same chart, same id
+    features = predictor.features([window])[0]
+    asked = ["Hammer", "shooting star", "a long upper wick after a rally"]
+    answer = predictor.score_patterns(embedding, asked, features)
+    assert answer["kind"] == {"Hammer": "trained", "shooting star": "zero_shot_library",
+                              "a long upper wick after a rally": "zero_shot_text"}
+    assert answer["calibrated"] == {"Hammer": True, "shooting star": False, "a long upper wick after a rally": False}
+    assert all(0.0 <= p <= 1.0 for p in answer["probabilities"].values())
+    assert set(answer["detected"]) == {"Hammer"} and answer["fusion"] in ("late", "learned")
+    image_only = predictor.score_patterns(embedding, list(CORE_PATTERNS))
+    assert "features" not in image_only["sources"]  # no bars, no engineered features: the image models answer
+    # The zero-shot softmax over the library sums to one; a free-text share is in (0, 1).
+    assert predictor.zero_shot_classes(embedding[None, :]).sum() == pytest.approx(1.0)
+    shares = predictor.prompt_probabilities(embedding[None, :], ["a hammer", "a doji", "an inside bar"])
+    assert shares.sum() == pytest.approx(1.0)
+
+
+def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
+    root, _ = promoted
+    monkeypatch.setenv("CANDLE_VLM_ARTIFACT_ROOT", str(root))
+    monkeypatch.setenv("CANDLE_VLM_PREDICTION_LOG", str(tmp_path / "log"))
+    monkeypatch.setenv("CANDLE_VLM_LOG_FSYNC", "false")
+    monkeypatch.setenv("CANDLE_VLM_MODEL", SERVED["CANDLE_VLM_MODEL"])
+    from bento.service import Bar, CandleVLM  # reads its CANDLE_VLM_* settings on import
+
+    service = CandleVLM()
+    bars = [Bar(**b) for b in synthetic_bars(100)]
+    answer = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars, patterns=["hammer", "doji"]))
+    assert answer["model_version"] == str(promotion.promoted(NAME).tag)
+    assert set(answer["probabilities"]) == {"hammer", "doji"} and answer["bars_used"] == 100
+    refused = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars[:3]))
+    assert refused.status_code == 400 and b"3 bars given" in refused.body
+    both = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m"))
+    assert both.status_code == 400 and b"exactly one of bars or image_base64" in both.body
+    logged = read_predictions(tmp_path / "log")
+    assert list(logged["request_id"]) == [answer["request_id"]]  # only answered requests are logged
+
+
+def _call(url, path, body=None, timeout=60):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if response.headers.get_content_type() == "application/json" \
+                else raw.decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def _error_text(body) -> str:
+    return json.dumps(body)
+
+
+def test_bentoml_serve_over_http(promoted, tmp_path):
+    root, _ = promoted
+    log_dir = tmp_path / "predictions"
+    env = {"CANDLE_VLM_ARTIFACT_ROOT": str(root), "CANDLE_VLM_PREDICTION_LOG": str(log_dir), "CANDLE_VLM_THREADS": "2",
+           **SERVED}
+    with Server(env, log_path=str(tmp_path / "server.log")) as server:
+        url = server.url
+        bars = synthetic_bars(100)
+        status, answer = _call(url, "/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": bars,
+                                                          "patterns": ["hammer", "a long lower shadow"]})
+        assert status == 200, answer
+        assert {"probabilities", "calibrated", "latency_ms", "model_version", "embedding_id"} <= set(answer)
+        assert answer["calibrated"] == {"hammer": True, "a long lower shadow": False}
+        assert answer["model_version"] == str(promotion.promoted(NAME).tag) and answer["latency_ms"] > 0
+        answered = [answer["request_id"]]
+
+        chart = Predictor.chart_image(Image.new("RGB", (320, 200), "white"))
+        status, by_image = _call(url, "/predict/patterns", {"symbol": "ACME", "timeframe": "1h",
+                                                            "image_base64": png_base64(chart)})
+        assert status == 200 and set(by_image["probabilities"]) == set(CORE_PATTERNS)
+        assert all(by_image["calibrated"].values()) and "features" not in by_image["sources"]
+        answered.append(by_image["request_id"])
+
+        status, zero = _call(url, "/query/zero_shot", {"image_base64": png_base64(chart),
+                                                       "prompts": ["a hammer", "a doji", "three white soldiers"]})
+        assert status == 200 and sum(zero["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert not any(zero["calibrated"].values())
+        answered.append(zero["request_id"])
+
+        status, latest = _call(url, "/embeddings?symbol=AAA&timeframe=5m&lookback=60")
+        assert status == 200 and len(latest["embedding"]) == 256 and latest["bars_used"] == 60
+        assert set(latest["probabilities"]) == set(CORE_PATTERNS)
+        answered.append(latest["request_id"])
+        status, missing = _call(url, "/embeddings?symbol=ZZZ&timeframe=5m&lookback=60")
+        assert status == 404 and "no bars for symbol 'ZZZ'" in missing["error"]
+
+        status, batch = _call(url, "/embed_charts", {"charts": [{"bars": bars}, {"image_base64": png_base64(chart)}]})
+        assert status == 200 and np.asarray(batch).shape == (2, 256)
+
+        broken = [dict(b) for b in bars]
+        broken[9]["low"] = broken[9]["high"] + 1
+        bomb = Image.new("1", (20_000, 20_000))
+        cases = [
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": broken}, 400, "bar 10:"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "2m", "bars": bars}, 400, "timeframe '2m' is unknown"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": bars[:5]}, 400, "5 bars given"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "image_base64": "%%%"}, 400, "not valid base64"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m",
+                                   "image_base64": base64.b64encode(b"GIF89a but not really").decode()}, 400,
+             "not a readable image"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "image_base64": png_base64(bomb)}, 413,
+             "more pixels than the"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": bars, "patterns": ["x"] * 40}, 413,
+             "at most 32"),
+            ("/query/zero_shot", {"image_base64": png_base64(chart), "prompts": ["a" * 300]}, 413, "at most 200"),
+            ("/query/zero_shot", {"image_base64": png_base64(chart), "prompts": ["a doji", "a doji"]}, 400,
+             "repeats prompts[0]"),
+            ("/embeddings?symbol=AAA&timeframe=5m&lookback=5000", None, 400, "lookback 5000"),
+            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": [{"open": "x"}]}, 400, "validation error"),
+        ]
+        for path, body, expected, message in cases:
+            status, reply = _call(url, path, body)
+            assert status == expected and message in _error_text(reply), (path, status, reply)
+
+        # Concurrent requests share encoder batches; every answer is logged before it is sent.
+        def one(i):
+            return _call(url, "/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": synthetic_bars(80, i)})
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(one, range(48)))
+        assert all(status == 200 for status, _ in replies)
+        answered += [reply["request_id"] for _, reply in replies]
+        status, metrics = _call(url, "/metrics")
+        sizes = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+                 if line.startswith("candle_vlm_encode_batch_size_")}
+        assert sizes["candle_vlm_encode_batch_size_sum"] > sizes["candle_vlm_encode_batch_size_count"]  # batches > 1
+        assert "candle_vlm_predictions_total" in metrics and "bentoml_service_request_duration_seconds" in metrics
+        assert 'candle_vlm_rejected_requests_total{endpoint="predict_patterns",status="413"}' in metrics
+        assert _call(url, "/readyz")[0] == 200  # nothing above took the worker down
+    logged = read_predictions(log_dir)
+    assert sorted(logged["request_id"]) == sorted(answered)
+    assert {"embedding", "probabilities", "latency_ms", "model_version", "embedding_id"} <= set(logged.columns)
+
+
+def test_bentoml_build_packages_the_service_with_the_promoted_model(promoted):
+    """`bentoml build` from the repository root ([tool.bentoml.build] in pyproject.toml); nothing is locked or
+    downloaded, so it works offline."""
+    import bentoml
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    command = [str(pathlib.Path(sys.executable).with_name("bentoml")), "build", "."]
+    built = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, **SERVED,
+                                "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert built.returncode == 0, built.stdout + built.stderr
+    bento = bentoml.bentos.get("candle-vlm:latest")
+    src = pathlib.Path(bento.path) / "src"
+    assert (src / "bento" / "service.py").exists() and (src / "vlm_assets" / "serving" / "predictor.py").exists()
+    assert [str(m.tag) for m in bento.info.services[0].models] == [str(promotion.promoted(NAME).tag)]

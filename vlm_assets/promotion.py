@@ -1,0 +1,194 @@
+"""Model promotion: assemble the candidate bundle from the pipeline's current artifacts, score it and the promoted
+bundle on the same test split through the serving path, and save the candidate into the BentoML model store only
+if the rule allows. Every promoted version stays in the store; a rollback makes an earlier one current again.
+
+BentoML is imported only by the functions that touch its model store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlm_assets import evaluation as ev
+from vlm_assets.fusion import load_fuser
+from vlm_assets.labeling import CORE_PATTERNS
+from vlm_assets.model import CHECKPOINT_FILE as CHECKPOINT
+from vlm_assets.serving.predictor import BUNDLE_FORMAT, Predictor
+from vlm_assets.storage import ArtifactStore
+
+MODEL_NAME = "candle_vlm"
+BUNDLE_PARTS = ("chart_clip_finetuned", "model_evaluation", "calibrator", "fuser", "feature_model", "resnet_baseline")
+
+
+def _version_files(artifacts: ArtifactStore, asset: str, names: list[str]) -> tuple[str, dict[str, bytes]]:
+    version = artifacts.current_version(asset)
+    return version, {n: artifacts.read_bytes(f"{asset}/{version}/{n}") for n in names
+                     if artifacts.exists(f"{asset}/{version}/{n}")}
+
+
+def assemble_bundle(artifacts: ArtifactStore, directory: str | os.PathLike, code_version: str,
+                    render_bars: int = 120) -> dict:
+    """Write the candidate bundle (the current version of every part) into `directory`; returns its manifest."""
+    from vlm_assets.prompts import load_prompt_library
+    from vlm_assets.rendering import DEFAULT_STYLE, STYLE_VERSION
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    versions, files = {}, {}
+    versions["chart_clip_finetuned"], model = _version_files(artifacts, "chart_clip_finetuned",
+                                                             [CHECKPOINT, f"{CHECKPOINT}.json"])
+    files["model.safetensors"], files["model.safetensors.json"] = model[CHECKPOINT], model[f"{CHECKPOINT}.json"]
+    versions["model_evaluation"], evaluation = _version_files(artifacts, "model_evaluation", ["evaluation.json"])
+    evaluation = json.loads(evaluation["evaluation.json"])
+    library = load_prompt_library()
+    if evaluation["prompt_library"] != library.tag:
+        raise ValueError(f"model_evaluation used prompt library {evaluation['prompt_library']}, this code has "
+                         f"{library.tag}: re-materialize model_evaluation")
+    files["prompt_library.json"] = library.to_json()
+    versions["calibrator"], calibrator = _version_files(artifacts, "calibrator", ["calibrator.json"])
+    files |= calibrator
+    versions["fuser"], fuser_files = _version_files(artifacts, "fuser", ["fuser.json", "learned.safetensors"])
+    files |= fuser_files
+    versions["feature_model"], feature = _version_files(artifacts, "feature_model", ["feature_model.json"])
+    files |= feature
+    fuser = load_fuser(fuser_files)
+    # A request always has the chart, so only availabilities with the VLM matter.
+    uses_resnet = fuser.active == "learned" or any(
+        "resnet" in fuser.late.sources_for(available) for available in (["vlm", "resnet"], ["vlm", "resnet", "features"]))
+    if uses_resnet:
+        versions["resnet_baseline"], resnet = _version_files(artifacts, "resnet_baseline",
+                                                             [CHECKPOINT, f"{CHECKPOINT}.json"])
+        files["resnet.safetensors"], files["resnet.safetensors.json"] = resnet[CHECKPOINT], resnet[f"{CHECKPOINT}.json"]
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    manifest = {
+        "format": BUNDLE_FORMAT, "bundle_id": digest.hexdigest()[:16], "code_version": code_version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "parts": versions, "dataset_version": artifacts.current_version("vlm_dataset"),
+        "prompt_library": library.tag, "prompt_selection": evaluation["prompt_selection"],
+        "render": {"style": DEFAULT_STYLE.to_dict(), "style_version": STYLE_VERSION, "bars": render_bars},
+        "classes": list(CORE_PATTERNS), "fusion": {"active": fuser.active, "reason": fuser.reason},
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    (directory / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    # Prompt embeddings once per model version, so a server starts without encoding the library.
+    predictor = Predictor(directory)
+    flat = np.concatenate([predictor.prompt_embeddings.embeddings[c] for c in predictor.library_classes])
+    with open(directory / "prompt_embeddings.npy", "wb") as handle:
+        np.save(handle, flat.astype(np.float32), allow_pickle=False)
+    return manifest
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """The dataset's test windows, their stored charts and engineered features, and the truth."""
+
+    windows: pd.DataFrame
+    pngs: list[bytes]
+    features: pd.DataFrame
+    truth: np.ndarray
+
+
+def score(predictor: Predictor, split: TestSplit) -> dict:
+    """Test-split detection metrics of a bundle through the serving path (a request with bars)."""
+    scores = predictor.evaluate(split.windows, split.pngs, split.features)
+    report = ev.multilabel_report(split.truth, scores.detected, CORE_PATTERNS)
+    return {"macro_f1": float(report.loc["macro", "f1"]), "macro_precision": float(report.loc["macro", "precision"]),
+            "macro_recall": float(report.loc["macro", "recall"]), "sources": scores.sources, "fusion": scores.fusion,
+            "windows": int(len(split.truth)), "per_pattern_f1": {c: float(report.loc[c, "f1"]) for c in CORE_PATTERNS}}
+
+
+@dataclass(frozen=True)
+class PromotionRule:
+    """Promote when candidate macro F1 >= incumbent macro F1 - tolerance (0: not worse); `force` skips the test."""
+
+    tolerance: float = 0.0
+    force: bool = False
+
+    def decide(self, candidate: dict, incumbent: dict | None) -> tuple[bool, str]:
+        if self.force:
+            return True, "forced by config"
+        if incumbent is None:
+            return True, "no model is promoted yet"
+        margin = candidate["macro_f1"] - incumbent["macro_f1"]
+        verdict = margin >= -self.tolerance
+        return verdict, (f"candidate test macro F1 {candidate['macro_f1']:.4f} vs promoted {incumbent['macro_f1']:.4f} "
+                         f"({margin:+.4f}; tolerance {self.tolerance:.4f}): "
+                         f"{'promoted' if verdict else 'kept the promoted model'}")
+
+
+# ---- the BentoML model store -----------------------------------------------------------------------------------
+
+def promoted(name: str = MODEL_NAME):
+    """The current promoted model (`name:latest`) or None."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return bentoml.models.get(f"{name}:latest")
+    except NotFound:
+        return None
+
+
+def save_to_store(directory: str | os.PathLike, manifest: dict, metrics: dict, name: str = MODEL_NAME,
+                  extra_labels: dict | None = None) -> str:
+    """Copy a bundle into a new version of `name`; it becomes `name:latest`. Returns the tag."""
+    import bentoml
+
+    labels = {"bundle_id": manifest["bundle_id"], "dataset_version": manifest["dataset_version"],
+              "code_version": manifest["code_version"], "macro_f1": f"{metrics['macro_f1']:.4f}"} | (extra_labels or {})
+    # The manifest travels as bundle.json; metadata holds the test metrics as JSON (BentoML refuses None values,
+    # which undefined per-pattern scores become).
+    metadata = {"parts": manifest["parts"], "test_metrics": json.dumps(ev.to_jsonable(metrics))}
+    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        for item in Path(directory).iterdir():
+            shutil.copy2(item, model.path_of(item.name))
+    return str(model.tag)
+
+
+def history(name: str = MODEL_NAME) -> list:
+    """Every stored version of `name`, oldest first."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        return sorted(bentoml.models.list(name), key=lambda m: m.info.creation_time)
+    except NotFound:
+        return []
+
+
+def rollback(to: str | None = None, name: str = MODEL_NAME) -> str:
+    """Make an earlier version current again: a new version with its files (history is never rewritten). `to` is a
+    tag; by default the version promoted before the current one. Returns the new tag."""
+    import bentoml
+
+    versions = history(name)
+    if not versions:
+        raise ValueError(f"no {name} model is stored: nothing to roll back")
+    if to is None:
+        if len(versions) < 2:
+            raise ValueError(f"{name} has a single version: nothing to roll back to")
+        target = versions[-2]
+    else:
+        target = bentoml.models.get(to if ":" in to else f"{name}:{to}")
+    current = versions[-1]
+    with tempfile.TemporaryDirectory() as scratch:
+        copy = Path(scratch) / "bundle"
+        shutil.copytree(target.path, copy, ignore=shutil.ignore_patterns("model.yaml"))
+        manifest = json.loads((copy / "bundle.json").read_text())
+        metrics = json.loads(target.info.metadata["test_metrics"])
+        return save_to_store(copy, manifest, metrics, name,
+                             {"rollback_of": str(target.tag.version), "replaces": str(current.tag.version)})

@@ -1,0 +1,55 @@
+"""Service settings, read from `CANDLE_VLM_*` environment variables at start-up (a bad value names the variable)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from vlm_assets.serving.requests import Limits
+
+PREFIX = "CANDLE_VLM_"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model: str = "candle_vlm:latest"  # BentoML model tag (a rollback changes what :latest is)
+    artifact_root: str = "artifacts"  # the market-data store for /embeddings (ohlcv_bars) and the default log place
+    market_directory: str = ""  # instead of ohlcv_bars: a directory of <SYMBOL>_<TF>.csv|parquet files
+    prediction_log: str = ""  # directory of the prediction log; default <artifact_root>/predictions
+    log_fsync: bool = True  # fsync every group commit: a machine crash loses no acknowledged prediction
+    threads: int = 0  # torch intra-op threads; 0 = every available core
+    device: str = "cpu"
+    max_batch_size: int = 32  # adaptive batching of image encoding
+    max_latency_ms: int = 5000  # the batcher sheds (HTTP 503) a request it expects to wait longer than this
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def log_directory(self) -> str:
+        return self.prediction_log or os.path.join(self.artifact_root, "predictions")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> ServingConfig:
+        """Each field from `CANDLE_VLM_<FIELD>` (limits too: `CANDLE_VLM_MAX_BARS`, ...), else its default; the
+        artifact root also from `CANDLE_VLM_ARTIFACT_ROOT`, as for the pipeline."""
+        values = {f.name: _parse(f"{PREFIX}{f.name.upper()}", environ[f"{PREFIX}{f.name.upper()}"], f.type)
+                  for f in fields(cls) if f.name != "limits" and f"{PREFIX}{f.name.upper()}" in environ}
+        limits = {f.name: _parse(f"{PREFIX}{f.name.upper()}", environ[f"{PREFIX}{f.name.upper()}"], f.type)
+                  for f in fields(Limits) if f"{PREFIX}{f.name.upper()}" in environ}
+        return cls(**values, limits=Limits(**limits))
+
+
+def _parse(name: str, raw: str, kind) -> object:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError(f"{name}={raw!r}: expected true or false")
+        return raw.lower() in ("1", "true", "yes")
+    if kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r}: expected an integer") from None
+        if value < 0:
+            raise ValueError(f"{name}={raw!r}: must not be negative")
+        return value
+    return raw
