@@ -5,7 +5,7 @@
 Starts `bentoml serve bento.service:CandleVLM` (the promoted model: `candle_vlm:latest` in $BENTOML_HOME, or
 CANDLE_VLM_MODEL) on a free port, warms it up, then measures (1) sequential requests with 100 bars: median, P95,
 P99 latency as the client sees it; (2) requests per second at the given concurrency; and reports the batch sizes the
-server's adaptive batcher formed (from its /metrics, both phases). The client (aiohttp) runs on the same machine and shares its
+server's adaptive batcher formed in each phase (from its /metrics). The client (aiohttp) runs on the same machine and shares its
 cores with the server, as it would for a co-located caller.
 """
 
@@ -42,7 +42,24 @@ def batch_histogram(metrics: str) -> dict:
             "batches_by_size_up_to": {k: v for k, v in cumulative.items() if v}}
 
 
-async def measure(url: str, payload: dict, sequential: int, concurrency: int, requests: int) -> dict:
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (the server and its worker)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
+
+def formed(before: dict, after: dict) -> dict:
+    """The batches formed between two /metrics snapshots: count, mean size, count per size bucket."""
+    count = after["batches"] - before["batches"]
+    items = after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]
+    by_size = {k: v - before["batches_by_size_up_to"].get(k, 0) for k, v in after["batches_by_size_up_to"].items()}
+    return {"batches": count, "mean_batch_size": items / count if count else 0.0,
+            "batches_by_size_up_to": {k: v for k, v in by_size.items() if v}}
+
+
+async def measure(url: str, payload: dict, sequential: int, concurrency: int, requests: int, server_pid: int) -> dict:
     import aiohttp
 
     body = json.dumps(payload).encode()
@@ -59,9 +76,13 @@ async def measure(url: str, payload: dict, sequential: int, concurrency: int, re
 
         for _ in range(30):  # warm-up: connection, allocator, dispatcher's latency model
             await one()
-        async with session.get(f"{url}/metrics") as response:
-            before = batch_histogram(await response.text())
+        async def batches() -> dict:
+            async with session.get(f"{url}/metrics") as response:
+                return batch_histogram(await response.text())
+
+        start_sequential = await batches()
         latencies = np.array([await one() for _ in range(sequential)]) * 1000
+        start_concurrent = await batches()
 
         queue = iter(range(requests))
 
@@ -70,24 +91,24 @@ async def measure(url: str, payload: dict, sequential: int, concurrency: int, re
                 times.append(await one())
 
         times: list = []
+        server_cpu, client_cpu = tree_cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker(times) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        async with session.get(f"{url}/metrics") as response:
-            after = batch_histogram(await response.text())
+        server_cpu, client_cpu = tree_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+        end = await batches()
     concurrent = np.array(times) * 1000
-    formed = {k: v - before["batches_by_size_up_to"].get(k, 0) for k, v in after["batches_by_size_up_to"].items()}
-    batches = after["batches"] - before["batches"]
-    items = after["mean_batch_size"] * after["batches"] - before["mean_batch_size"] * before["batches"]
     return {
         "sequential": {"requests": sequential, "p50_ms": float(np.percentile(latencies, 50)),
                        "p95_ms": float(np.percentile(latencies, 95)), "p99_ms": float(np.percentile(latencies, 99)),
                        "mean_ms": float(latencies.mean())},
         "concurrent": {"concurrency": concurrency, "requests": requests, "seconds": elapsed,
                        "requests_per_second": requests / elapsed, "p50_ms": float(np.percentile(concurrent, 50)),
-                       "p95_ms": float(np.percentile(concurrent, 95))},
-        "batches": {"formed_during_benchmark": batches, "mean_batch_size": items / batches if batches else 0.0,
-                    "batches_by_size_up_to": {k: v for k, v in formed.items() if v}},
+                       "p95_ms": float(np.percentile(concurrent, 95)),
+                       "server_cpu_ms_per_request": server_cpu / requests * 1000,
+                       "client_cpu_ms_per_request": client_cpu / requests * 1000},
+        "batches": {"sequential": formed(start_sequential, start_concurrent),
+                    "concurrent": formed(start_concurrent, end)},
     }
 
 
@@ -104,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="candle-vlm-serve-bench-") as scratch:
         env = {"CANDLE_VLM_PREDICTION_LOG": str(Path(scratch) / "predictions")}
         with Server(env, log_path=str(Path(scratch) / "server.log")) as server:
-            report = asyncio.run(measure(server.url, payload, args.sequential, args.concurrency, args.requests))
+            report = asyncio.run(measure(server.url, payload, args.sequential, args.concurrency, args.requests,
+                                         server.process.pid))
         logged = sum(1 for p in (Path(scratch) / "predictions").rglob("*.jsonl") for _ in p.open("rb"))
     report |= {"bars": args.bars, "logged_predictions": logged, "machine": machine_info(),
                "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -112,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("sequential P50 / P95 / P99 (ms)", f"{seq['p50_ms']:.1f} / {seq['p95_ms']:.1f} / {seq['p99_ms']:.1f}"),
             (f"throughput at concurrency {conc['concurrency']} (req/s)", f"{conc['requests_per_second']:.1f}"),
             ("concurrent P50 / P95 (ms)", f"{conc['p50_ms']:.1f} / {conc['p95_ms']:.1f}"),
-            ("encoder batches formed (size bucket: count)",
-             ", ".join(f"<={k}: {v}" for k, v in report["batches"]["batches_by_size_up_to"].items())),
-            ("mean encoder batch size (both phases)", f"{report['batches']['mean_batch_size']:.2f}"),
+            ("CPU per request, server / client (ms)",
+             f"{conc['server_cpu_ms_per_request']:.1f} / {conc['client_cpu_ms_per_request']:.1f}"),
+            ("concurrent phase: encoder batches, mean size",
+             f"{report['batches']['concurrent']['batches']}, {report['batches']['concurrent']['mean_batch_size']:.2f}"),
+            ("concurrent phase: batches per size bucket",
+             ", ".join(f"<={float(k):g}: {v}" if k != "+Inf" else f">{v}"
+                       for k, v in report["batches"]["concurrent"]["batches_by_size_up_to"].items())),
             ("predictions logged", str(logged))]
     print(json.dumps(report, indent=2))
     print()

@@ -7,7 +7,10 @@ library the pipeline trains and promotes with (`vlm_assets.serving`):
   probabilities; any other name or free text is scored zero-shot (`calibrated: false`).
 - `POST /query/zero_shot` {image_base64, prompts}: probabilities over the given prompts.
 - `GET /embeddings?symbol=&timeframe=&lookback=`: the embedding of a symbol's latest bars from the market-data store.
-- `POST /embed_charts` {charts: [...]}: the batchable primitive every endpoint encodes through (adaptive batching).
+- `POST /embed_charts` {charts: [...]}: embeddings of many charts, batched across callers by BentoML.
+
+The endpoints encode through an in-process adaptive batcher (`vlm_assets.serving.batching`): the same batching
+without a self-call over HTTP, which cost more CPU per request than the rest of the request (docs/serving.md).
 
 Every answer is appended to the prediction log (group-committed, fsynced) before it is sent.
 """
@@ -93,8 +96,6 @@ routes = Starlette(routes=[Route("/embeddings", embeddings_route, methods=["GET"
     workers=1,
     threads=1,  # one encoder batch at a time; torch uses the cores inside it
     traffic={"timeout": 60},
-    # BentoML recycles the self-call connection every 100 requests, cutting requests in flight; never recycle.
-    runner_connection={"max_requests": 10**9, "max_age": 10.0**9},
 )
 class CandleVLM:
     bundle = bentoml.models.BentoModel(CONFIG.model)

@@ -156,3 +156,31 @@ def test_a_torn_last_line_is_skipped_and_nothing_else_is_lost(tmp_path):
     with pytest.raises(ValueError):
         log.append({"time": now.isoformat(), "bad": float("nan")})  # never writes a line JSON cannot read
     assert np.isclose(read_predictions(tmp_path)["latency_ms"].sum(), 9.0)
+
+
+def test_micro_batcher_merges_waiting_requests_and_survives_a_failing_batch():
+    from vlm_assets.serving.batching import MicroBatcher
+
+    sizes, calls = [], []
+
+    def run(items):
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("encoder failed")
+        return np.array([[len(item)] for item in items])
+
+    batcher = MicroBatcher(run, max_batch_size=4, on_batch=sizes.append)
+
+    async def scenario():
+        first = await asyncio.gather(*(batcher.submit("x" * i) for i in range(1, 11)))
+        failed = await asyncio.gather(batcher.submit("ok"), batcher.submit("boom"), return_exceptions=True)
+        after = await batcher.submit("fine")
+        return first, failed, after
+
+    first, failed, after = asyncio.run(scenario())
+    assert [int(row[0]) for row in first] == list(range(1, 11))  # every caller gets its own row
+    assert sizes[:3] == [4, 4, 2]  # arriving together, they share batches of at most 4
+    assert all(isinstance(r, RuntimeError) for r in failed)  # a failing batch fails its own callers only
+    assert int(after[0]) == 4 and calls[-1] == ["fine"]
+    with pytest.raises(ValueError, match="max_batch_size"):
+        MicroBatcher(run, max_batch_size=0)
