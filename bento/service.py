@@ -18,6 +18,7 @@ Every answer is appended to the prediction log (group-committed, fsynced) before
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import time
 import uuid
@@ -51,7 +52,8 @@ PATTERN_PROBABILITY = prometheus_client.Histogram(
     "candle_vlm_pattern_probability", "calibrated fused probability per trained pattern", ["pattern"],
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
 LOGGED = prometheus_client.Counter("candle_vlm_prediction_log_records", "records durably appended to the log")
-MODEL_INFO = prometheus_client.Gauge("candle_vlm_model_info", "the served model", ["model_version", "bundle_id"])
+MODEL_INFO = prometheus_client.Gauge("candle_vlm_model_info", "the served model",
+                                     ["model_version", "bundle_id", "precision"])
 
 
 class Bar(BaseModel):
@@ -96,6 +98,9 @@ routes = Starlette(routes=[Route("/embeddings", embeddings_route, methods=["GET"
     workers=1,
     threads=1,  # one encoder batch at a time; torch uses the cores inside it
     traffic={"timeout": 60},
+    # Every answer is in the prediction log and every refusal in /metrics; a line per request on stdout as well
+    # costs CPU the encoder needs. CANDLE_VLM_ACCESS_LOG=true turns it back on.
+    logging={"access": {"enabled": CONFIG.access_log}},
 )
 class CandleVLM:
     bundle = bentoml.models.BentoModel(CONFIG.model)
@@ -111,12 +116,13 @@ class CandleVLM:
         torch.set_num_threads(CONFIG.threads or len(os.sched_getaffinity(0)))
         stored = self.bundle
         self.model_version = str(stored.tag)
-        self.predictor = Predictor(stored.path, CONFIG.device, self.model_version)
+        self.predictor = Predictor(stored.path, CONFIG.device, self.model_version, _precision(stored.path))
         self.market = MarketStore(directory=CONFIG.market_directory) if CONFIG.market_directory \
             else MarketStore(artifact_root=CONFIG.artifact_root)
         self.log = PredictionLog(CONFIG.log_directory, fsync=CONFIG.log_fsync)
         self.batcher = MicroBatcher(self._encode_batch, CONFIG.max_batch_size, ENCODE_BATCH.observe)
-        MODEL_INFO.labels(model_version=self.model_version, bundle_id=self.predictor.manifest["bundle_id"]).set(1)
+        MODEL_INFO.labels(model_version=self.model_version, bundle_id=self.predictor.manifest["bundle_id"],
+                          precision=self.predictor.precision).set(1)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -180,7 +186,8 @@ class CandleVLM:
         result = self.predictor.score_patterns(embedding, patterns, features, resnet)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "bars" if has_bars else "image",
                  "bars_used": len(window) if has_bars else None}
-        return await self._answer("predict_patterns", started, embedding, result, extra)
+        # A ready Response: BentoML's dict serialization rebuilds the output schema on every call.
+        return JSONResponse(await self._answer("predict_patterns", started, embedding, result, extra))
 
     @bentoml.api(route="/query/zero_shot")
     async def query_zero_shot(self, image_base64: str, prompts: list[str]) -> dict:
@@ -195,7 +202,7 @@ class CandleVLM:
         probabilities = self.predictor.prompt_probabilities(embedding[None, :], prompts)[0]
         result = {"probabilities": {p: float(v) for p, v in zip(prompts, probabilities)},
                   "calibrated": {p: False for p in prompts}}
-        return await self._answer("query_zero_shot", started, embedding, result, {"input": "image"})
+        return JSONResponse(await self._answer("query_zero_shot", started, embedding, result, {"input": "image"}))
 
     async def latest_embedding(self, query) -> JSONResponse:
         """GET /embeddings: the chart of a symbol's latest `lookback` bars, its embedding and trained patterns."""
@@ -238,6 +245,18 @@ class CandleVLM:
             if result.get("kind", {}).get(pattern) == "trained" or endpoint == "embeddings":
                 PATTERN_PROBABILITY.labels(pattern=pattern).observe(probability)
         return answer
+
+
+def _precision(bundle: str) -> str:
+    """CANDLE_VLM_PRECISION, or for `auto` the precision promotion chose and guarded, where this machine runs it
+    natively."""
+    from vlm_assets.serving.predictor import native_bf16
+
+    if CONFIG.precision != "auto":
+        return CONFIG.precision
+    with open(os.path.join(bundle, "bundle.json")) as handle:
+        chosen = json.load(handle).get("serving", {}).get("precision", "fp32")
+    return chosen if chosen == "fp32" or native_bf16(CONFIG.device) else "fp32"
 
 
 def _embedding_id(embedding: np.ndarray) -> str:

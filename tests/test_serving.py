@@ -72,6 +72,10 @@ def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promo
         manifest = json.load(handle)
     assert manifest["parts"]["fuser"] == store.current_version("fuser")
     assert manifest["dataset_version"] == labels["dataset_version"]
+    # The encoder precision served is the one promotion measured and guarded (bf16 only where it is native).
+    assert manifest["serving"]["precision"] in ("fp32", "bf16") and metadata["serving_precision_reason"].value
+    if manifest["serving"]["precision"] == "bf16":
+        assert "within" in manifest["serving"]["reason"]
 
     # Not worse is the rule: an impossible margin keeps the promoted model, and says why.
     kept = promote(root, tolerance=-1.0)
@@ -114,6 +118,10 @@ def test_predictor_answers_trained_library_and_free_text_patterns(promoted):
     assert predictor.zero_shot_classes(embedding[None, :]).sum() == pytest.approx(1.0)
     shares = predictor.prompt_probabilities(embedding[None, :], ["a hammer", "a doji", "an inside bar"])
     assert shares.sum() == pytest.approx(1.0)
+    reduced = Predictor(promotion.promoted(NAME).path, precision="bf16").encode([image])[0]
+    assert float(reduced @ embedding) > 0.99  # a bf16 encoder stays close to fp32 (the promotion guard decides)
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Predictor(promotion.promoted(NAME).path, precision="fp16")
 
 
 def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
@@ -126,7 +134,9 @@ def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
 
     service = CandleVLM()
     bars = [Bar(**b) for b in synthetic_bars(100)]
-    answer = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars, patterns=["hammer", "doji"]))
+    reply = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars, patterns=["hammer", "doji"]))
+    assert reply.status_code == 200
+    answer = json.loads(reply.body)
     assert answer["model_version"] == str(promotion.promoted(NAME).tag)
     assert set(answer["probabilities"]) == {"hammer", "doji"} and answer["bars_used"] == 100
     refused = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars[:3]))

@@ -119,6 +119,8 @@ def test_serving_config_from_environment_names_a_bad_variable():
     assert config.log_directory == os.path.join("/data/a", "predictions")
     with pytest.raises(ValueError, match="CANDLE_VLM_THREADS='many': expected an integer"):
         ServingConfig.from_env({"CANDLE_VLM_THREADS": "many"})
+    with pytest.raises(ValueError, match="CANDLE_VLM_PRECISION='fp8': expected auto, fp32 or bf16"):
+        ServingConfig.from_env({"CANDLE_VLM_PRECISION": "fp8"})
 
 
 def _record(i, time):

@@ -103,12 +103,28 @@ class TestSplit:
 
 
 def score(predictor: Predictor, split: TestSplit) -> dict:
-    """Test-split detection metrics of a bundle through the serving path (a request with bars)."""
-    scores = predictor.evaluate(split.windows, split.pngs, split.features)
-    report = ev.multilabel_report(split.truth, scores.detected, CORE_PATTERNS)
+    """Test-split detection metrics of a bundle through the serving path: requests with bars (the promotion metric)
+    and requests with the chart image only."""
+    with_bars, image_only = predictor.evaluate(split.pngs, split.features)
+    report = ev.multilabel_report(split.truth, with_bars.detected, CORE_PATTERNS)
+    images = ev.multilabel_report(split.truth, image_only.detected, CORE_PATTERNS)
     return {"macro_f1": float(report.loc["macro", "f1"]), "macro_precision": float(report.loc["macro", "precision"]),
-            "macro_recall": float(report.loc["macro", "recall"]), "sources": scores.sources, "fusion": scores.fusion,
-            "windows": int(len(split.truth)), "per_pattern_f1": {c: float(report.loc[c, "f1"]) for c in CORE_PATTERNS}}
+            "macro_recall": float(report.loc["macro", "recall"]), "sources": with_bars.sources,
+            "fusion": with_bars.fusion, "windows": int(len(split.truth)), "precision": predictor.precision,
+            "image_only_macro_f1": float(images.loc["macro", "f1"]),
+            "image_only_macro_recall": float(images.loc["macro", "recall"]),
+            "per_pattern_f1": {c: float(report.loc[c, "f1"]) for c in CORE_PATTERNS}}
+
+
+def precision_guard(fp32: dict, reduced: dict, max_drop: float) -> tuple[bool, str]:
+    """A reduced-precision encoder is accepted when no served figure (macro F1 and recall, with bars and image only)
+    drops more than `max_drop` below fp32 on the test split."""
+    keys = ("macro_f1", "macro_recall", "image_only_macro_f1", "image_only_macro_recall")
+    drops = {k: fp32[k] - reduced[k] for k in keys}
+    worst = max(drops, key=drops.get)
+    ok = drops[worst] <= max_drop
+    return ok, (f"{reduced['precision']}: largest drop against fp32 is {drops[worst]:+.4f} in {worst} "
+                f"({'within' if ok else 'beyond'} {max_drop:.4f})")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 import json
 import tempfile
+from pathlib import Path
 
 import pandas as pd
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
@@ -16,11 +17,11 @@ from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, write_version
 from vlm_assets.pipeline.fusion import fuser
 from vlm_assets.pipeline.model import dataset_windows
-from vlm_assets.serving.predictor import Predictor
+from vlm_assets.serving.predictor import Predictor, native_bf16
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 SERVING_GROUP = "serving"
-PROMOTION_CODE_VERSION = "1"
+PROMOTION_CODE_VERSION = "2"
 
 
 class PromotionConfig(Config):
@@ -28,6 +29,21 @@ class PromotionConfig(Config):
     force: bool = Field(default=False, description="promote without comparing (e.g. after a breaking change)")
     model_name: str = Field(default=promotion.MODEL_NAME, description="name in the BentoML model store")
     render_bars: int = Field(default=120, description="bars a served chart shows (training windows: 50-120)")
+    try_bf16: bool = Field(default=True, description="measure a bf16 image encoder and serve it if the guard passes")
+    max_bf16_drop: float = Field(default=0.005, description="largest drop of test macro F1 / recall (with bars and "
+                                 "image only) bf16 may cause against fp32")
+
+
+def _serving_precision(config: PromotionConfig, directory: str, device: str, split, fp32: dict) -> dict:
+    """fp32, or bf16 when this machine runs it natively and the precision guard passes on the test split."""
+    if not config.try_bf16:
+        return {"precision": "fp32", "reason": "bf16 not tried (config)"}
+    if not native_bf16(device):
+        return {"precision": "fp32", "reason": f"{device} has no native bf16: not measured"}
+    bf16 = promotion.score(Predictor(directory, device, precision="bf16"), split)
+    ok, reason = promotion.precision_guard(fp32, bf16, config.max_bf16_drop)
+    return {"precision": "bf16" if ok else "fp32", "reason": reason,
+            "bf16": {k: v for k, v in bf16.items() if k != "per_pattern_f1"}}
 
 
 def _test_split(artifacts) -> promotion.TestSplit:
@@ -51,12 +67,16 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
     with tempfile.TemporaryDirectory(prefix="candle-vlm-bundle-") as scratch:
         manifest = promotion.assemble_bundle(artifacts, scratch, f"{__version__}+{PROMOTION_CODE_VERSION}",
                                              config.render_bars)
-        candidate = promotion.score(Predictor(scratch, compute.resolved_device()), split)
+        device = compute.resolved_device()
+        candidate = promotion.score(Predictor(scratch, device), split)
         context.log.info(f"candidate {manifest['bundle_id']}: test macro F1 {candidate['macro_f1']:.4f}")
+        manifest["serving"] = _serving_precision(config, scratch, device, split, candidate)
+        context.log.info(f"serving precision {manifest['serving']['precision']}: {manifest['serving']['reason']}")
+        (Path(scratch) / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         incumbent_metrics, incumbent_note = None, None
         if incumbent is not None:
             try:
-                incumbent_metrics = promotion.score(Predictor(incumbent.path, compute.resolved_device()), split)
+                incumbent_metrics = promotion.score(Predictor(incumbent.path, device), split)
             except (ValueError, KeyError, FileNotFoundError) as error:  # written by incompatible code
                 incumbent_note = f"promoted {incumbent.tag} cannot be scored by this code ({error})"
                 context.log.warning(incumbent_note)
@@ -83,6 +103,8 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
                   "bundle_id": manifest["bundle_id"], "parts": MetadataValue.json(manifest["parts"]),
                   "test_macro_f1": MetadataValue.float(candidate["macro_f1"]),
                   "sources": ", ".join(candidate["sources"]),
+                  "serving_precision": manifest["serving"]["precision"],
+                  "serving_precision_reason": manifest["serving"]["reason"],
                   "comparison": md.table(pd.DataFrame(rows)),
                   "per_pattern_f1": md.table(per_pattern, index_name="pattern"),
                   "serve": MetadataValue.md(f"`bentoml serve` serves `{config.model_name}:latest` (= `{tag}`); "

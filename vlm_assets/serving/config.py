@@ -19,9 +19,15 @@ class ServingConfig:
     log_fsync: bool = True  # fsync every group commit: a machine crash loses no acknowledged prediction
     threads: int = 0  # torch intra-op threads; 0 = every available core
     device: str = "cpu"
+    precision: str = "auto"  # image encoder: auto = the bundle's guarded choice where bf16 is native, else fp32
+    access_log: bool = False  # BentoML's access log (answers are in the prediction log, refusals in /metrics)
     max_batch_size: int = 32  # adaptive batching of image encoding
     max_latency_ms: int = 5000  # the batcher sheds (HTTP 503) a request it expects to wait longer than this
     limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"{PREFIX}PRECISION={self.precision!r}: expected auto, fp32 or bf16")
 
     @property
     def log_directory(self) -> str:

@@ -37,6 +37,18 @@ CALIBRATED_CLASSES = (*CORE_PATTERNS, NEUTRAL)  # the calibrator's columns
 TEXT_CACHE_SIZE = 4096
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX); emulated bf16 is slower."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def embedding_id(embedding: np.ndarray) -> str:
     """Content id of an embedding: the same chart under the same model gets the same id."""
     return hashlib.sha256(np.ascontiguousarray(embedding, dtype=np.float32).tobytes()).hexdigest()[:16]
@@ -58,7 +70,8 @@ class TrainedScores:
 
 
 class Predictor:
-    def __init__(self, directory: str | os.PathLike, device: str = "cpu", version: str | None = None):
+    def __init__(self, directory: str | os.PathLike, device: str = "cpu", version: str | None = None,
+                 precision: str = "fp32"):
         from vlm_assets.baselines import from_bytes
         from vlm_assets.model import load_checkpoint
         from vlm_assets.prompts import load_prompt_library
@@ -100,6 +113,9 @@ class Predictor:
         self._calibrated_rows = [self.library_classes.index(c) for c in CALIBRATED_CLASSES]
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._device = device
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.precision = precision  # of the image encoder; the text tower stays fp32
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
@@ -126,7 +142,8 @@ class Predictor:
         import torch
 
         images = [self.chart_image(i) for i in images]
-        with torch.inference_mode():
+        device_type = "cuda" if self._device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=self.precision == "bf16"):
             return self.clip.encode_images(images).float().cpu().numpy()
 
     def text_embeddings(self, texts: list[str]) -> np.ndarray:
@@ -232,13 +249,17 @@ class Predictor:
             result["fusion"] = trained.fusion
         return result
 
-    def evaluate(self, windows: pd.DataFrame, pngs: list[bytes], features: pd.DataFrame) -> TrainedScores:
-        """Scores of stored dataset charts, through the same path as a request with bars."""
+    def evaluate(self, pngs: list[bytes], features: pd.DataFrame) -> tuple[TrainedScores, TrainedScores]:
+        """Scores of stored dataset charts through the serving path: as requests with bars, and as requests with the
+        chart image only (no engineered features)."""
         from PIL import Image
 
         images = [Image.open(io.BytesIO(png)).convert("RGB") for png in pngs]
         embeddings = np.concatenate([self.encode(images[i:i + 64]) for i in range(0, len(images), 64)]) \
             if images else np.zeros((0, self.clip.embed_dim), np.float32)
-        needed = self.sources_for(has_bars=True)
-        resnet = self.resnet_outputs(images) if "resnet" in needed else None
-        return self.trained(embeddings, features[list(FEATURE_NAMES)].to_numpy(), resnet)
+        answers = []
+        for has_bars in (True, False):
+            resnet = self.resnet_outputs(images) if "resnet" in self.sources_for(has_bars) else None
+            answers.append(self.trained(embeddings, features[list(FEATURE_NAMES)].to_numpy() if has_bars else None,
+                                        resnet))
+        return answers[0], answers[1]
