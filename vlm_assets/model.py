@@ -59,10 +59,10 @@ def register_model_configs() -> None:
 
     import vlm_assets.image_tower  # noqa: F401  registers the image tower with timm, where open_clip finds it
 
-    directory = Path(tempfile.mkdtemp(prefix="candle-vlm-model-configs-"))
-    for name, config in chartclip_configs().items():
-        (directory / f"{name}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(directory)
+    with tempfile.TemporaryDirectory(prefix="candle-vlm-model-configs-") as scratch:
+        for name, config in chartclip_configs().items():
+            (Path(scratch) / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(scratch)  # read at once into the registry, which keeps them
     _registered = True
 
 

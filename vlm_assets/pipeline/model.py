@@ -101,12 +101,13 @@ def _tuples(values: dict) -> dict:
 
 
 def load_model_asset(artifacts: ArtifactStore, name: str, device: str):
-    """A model asset's current checkpoint (copied to a local temp dir when the store is remote)."""
+    """A model asset's current checkpoint (through a local temp dir, removed once loaded: the store may be remote)."""
     version = artifacts.current_version(name)
-    folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    for file in (CHECKPOINT, f"{CHECKPOINT}.json"):
-        (folder / file).write_bytes(artifacts.read_bytes(f"{name}/{version}/{file}"))
-    clip, sidecar = chart_model.load_checkpoint(folder / CHECKPOINT, device)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch:
+        folder = Path(scratch)
+        for file in (CHECKPOINT, f"{CHECKPOINT}.json"):
+            (folder / file).write_bytes(artifacts.read_bytes(f"{name}/{version}/{file}"))
+        clip, sidecar = chart_model.load_checkpoint(folder / CHECKPOINT, device)
     return clip, sidecar, version
 
 
