@@ -14,7 +14,7 @@ from vlm_assets import calibration as cal
 from vlm_assets import evaluation as ev
 from vlm_assets import features as feat
 from vlm_assets import fusion
-from vlm_assets.labeling import CORE_PATTERNS, NEUTRAL
+from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, read_frame, write_version
 from vlm_assets.pipeline.data import chart_images, ohlcv_bars, pattern_labels, vlm_dataset
@@ -23,6 +23,7 @@ from vlm_assets.pipeline.model import (
     train_progress, train_summary, training_windows,
 )
 from vlm_assets.prompts import load_prompt_library
+from vlm_assets.serving.predictor import CALIBRATED_CLASSES
 from vlm_assets.zero_shot import PromptEmbeddings
 from vlm_assets.training import OptimConfig
 from vlm_resources import ArtifactStoreResource, ComputeResource
@@ -88,7 +89,6 @@ def feature_model(context: AssetExecutionContext, config: FeatureModelConfig, st
         data_version=DataVersion(version))
 
 
-CALIBRATED_CLASSES = (*CORE_PATTERNS, NEUTRAL)
 
 
 class CalibratorConfig(Config):
