@@ -86,9 +86,8 @@ def assemble_bundle(artifacts: ArtifactStore, directory: str | os.PathLike, code
     (directory / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     # Prompt embeddings once per model version, so a server starts without encoding the library.
     predictor = Predictor(directory)
-    flat = np.concatenate([predictor.prompt_embeddings.embeddings[c] for c in predictor.library_classes])
     with open(directory / "prompt_embeddings.npy", "wb") as handle:
-        np.save(handle, flat.astype(np.float32), allow_pickle=False)
+        np.save(handle, predictor.prompt_embeddings.flat().astype(np.float32), allow_pickle=False)
     return manifest
 
 

@@ -58,13 +58,23 @@ class PromptEmbeddings:
     def of(cls, clip, library: PromptLibrary) -> "PromptEmbeddings":
         texts = [t for c in library.class_names for t in library.classes[c]]
         flat = encode_texts(clip, texts)
-        flat = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+        return cls.from_flat(library, flat / np.linalg.norm(flat, axis=1, keepdims=True))
+
+    @classmethod
+    def from_flat(cls, library: PromptLibrary, flat: np.ndarray) -> "PromptEmbeddings":
+        """From every prompt's normalized embedding in library order (as `flat()` gives, e.g. cached on disk)."""
         bounds = np.cumsum([0] + [len(library.classes[c]) for c in library.class_names])
+        if len(flat) != bounds[-1]:
+            raise ValueError(f"{len(flat)} prompt embeddings for a library of {bounds[-1]} prompts")
         return cls(
             classes=library.class_names,
             prompts={c: library.classes[c] for c in library.class_names},
             embeddings={c: flat[a:b] for c, a, b in zip(library.class_names, bounds[:-1], bounds[1:])},
         )
+
+    def flat(self) -> np.ndarray:
+        """Every prompt's embedding in library order."""
+        return np.concatenate([self.embeddings[c] for c in self.classes])
 
     def selection_of(self, texts: dict[str, list[str]]) -> dict[str, list[int]]:
         """Indices of stored prompt texts (e.g. an evaluation's selection); a text not in the library is an error."""

@@ -101,10 +101,7 @@ class Predictor:
         library = load_prompt_library(self.directory / "prompt_library.json")
         cached = self.directory / "prompt_embeddings.npy"
         if cached.exists():
-            flat = np.load(cached, allow_pickle=False)
-            bounds = np.cumsum([0] + [len(library.classes[c]) for c in library.class_names])
-            prompts = PromptEmbeddings(library.class_names, {c: library.classes[c] for c in library.class_names},
-                                       {c: flat[a:b] for c, a, b in zip(library.class_names, bounds[:-1], bounds[1:])})
+            prompts = PromptEmbeddings.from_flat(library, np.load(cached, allow_pickle=False))
         else:
             prompts = PromptEmbeddings.of(self.clip, library)
         self.prompt_embeddings = prompts
