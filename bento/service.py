@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import time
 import uuid
@@ -53,7 +54,7 @@ PATTERN_PROBABILITY = prometheus_client.Histogram(
     buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99))
 LOGGED = prometheus_client.Counter("candle_vlm_prediction_log_records", "records durably appended to the log")
 MODEL_INFO = prometheus_client.Gauge("candle_vlm_model_info", "the served model",
-                                     ["model_version", "bundle_id", "precision"])
+                                     ["model_version", "bundle_id", "encoder"])
 
 
 class Bar(BaseModel):
@@ -95,8 +96,8 @@ routes = Starlette(routes=[Route("/embeddings", embeddings_route, methods=["GET"
 @bentoml.asgi_app(routes, path="/")
 @bentoml.service(
     name="candle_vlm",
-    workers=1,
-    threads=1,  # one encoder batch at a time; torch uses the cores inside it
+    workers=CONFIG.workers,
+    threads=1,  # one encoder batch at a time; the encoder uses the worker's cores inside it
     traffic={"timeout": 60},
     # Every answer is in the prediction log and every refusal in /metrics; a line per request on stdout as well
     # costs CPU the encoder needs. CANDLE_VLM_ACCESS_LOG=true turns it back on.
@@ -113,16 +114,21 @@ class CandleVLM:
         from vlm_assets.serving.prediction_log import PredictionLog
         from vlm_assets.serving.predictor import Predictor
 
-        torch.set_num_threads(CONFIG.threads or len(os.sched_getaffinity(0)))
+        from vlm_assets.serving.encoders import resolve_encoder
+
+        torch.set_num_threads(CONFIG.worker_threads)
         stored = self.bundle
         self.model_version = str(stored.tag)
-        self.predictor = Predictor(stored.path, CONFIG.device, self.model_version, _precision(stored.path))
+        with open(os.path.join(stored.path, "bundle.json")) as handle:
+            backend, why = resolve_encoder(stored.path, json.load(handle), CONFIG.encoder, CONFIG.device)
+        logging.getLogger("bentoml").info("candle-vlm image encoder %s: %s", backend, why)
+        self.predictor = Predictor(stored.path, CONFIG.device, self.model_version, backend, CONFIG.worker_threads)
         self.market = MarketStore(directory=CONFIG.market_directory) if CONFIG.market_directory \
             else MarketStore(artifact_root=CONFIG.artifact_root)
         self.log = PredictionLog(CONFIG.log_directory, fsync=CONFIG.log_fsync)
         self.batcher = MicroBatcher(self._encode_batch, CONFIG.max_batch_size, ENCODE_BATCH.observe)
         MODEL_INFO.labels(model_version=self.model_version, bundle_id=self.predictor.manifest["bundle_id"],
-                          precision=self.predictor.precision).set(1)
+                          encoder=self.predictor.backend).set(1)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -245,18 +251,6 @@ class CandleVLM:
             if result.get("kind", {}).get(pattern) == "trained" or endpoint == "embeddings":
                 PATTERN_PROBABILITY.labels(pattern=pattern).observe(probability)
         return answer
-
-
-def _precision(bundle: str) -> str:
-    """CANDLE_VLM_PRECISION, or for `auto` the precision promotion chose and guarded, where this machine runs it
-    natively."""
-    from vlm_assets.serving.predictor import native_bf16
-
-    if CONFIG.precision != "auto":
-        return CONFIG.precision
-    with open(os.path.join(bundle, "bundle.json")) as handle:
-        chosen = json.load(handle).get("serving", {}).get("precision", "fp32")
-    return chosen if chosen == "fp32" or native_bf16(CONFIG.device) else "fp32"
 
 
 def _embedding_id(embedding: np.ndarray) -> str:

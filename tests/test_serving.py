@@ -4,6 +4,7 @@
 import asyncio
 import base64
 import concurrent.futures
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from vlm_assets.cli import main as cli
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline.checks import SERVING_CHECKS
 from vlm_assets.pipeline.serving import promoted_model
+from vlm_assets.serving import encoders
 from vlm_assets.serving.prediction_log import read_predictions
 from vlm_assets.serving.predictor import Predictor, embedding_id
 from vlm_assets.serving.requests import parse_bars
@@ -72,10 +74,21 @@ def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promo
         manifest = json.load(handle)
     assert manifest["parts"]["fuser"] == store.current_version("fuser")
     assert manifest["dataset_version"] == labels["dataset_version"]
-    # The encoder precision served is the one promotion measured and guarded (bf16 only where it is native).
-    assert manifest["serving"]["precision"] in ("fp32", "bf16") and metadata["serving_precision_reason"].value
-    if manifest["serving"]["precision"] == "bf16":
-        assert "within" in manifest["serving"]["reason"]
+    # Promotion exported the ONNX encoders into the bundle, scored every backend through the serving path and
+    # ranked the ones the accuracy guard accepts by measured latency; the served one is the fastest of them.
+    serving = manifest["serving"]
+    for name in encoders.ONNX_FILES.values():
+        assert manifest["files"][name] == hashlib.sha256(pathlib.Path(current.path, name).read_bytes()).hexdigest()
+    candidates = serving["candidates"]
+    assert set(candidates) == set(encoders.BACKENDS) and candidates["torch-fp32"]["accepted"]
+    assert candidates["onnx-fp32"]["macro_f1"] == pytest.approx(candidates["torch-fp32"]["macro_f1"], abs=0.005)
+    assert serving["ranking"][0] == serving["encoder"] == metadata["image_encoder"].value
+    assert [candidates[b]["encode_ms"] for b in serving["ranking"]] == sorted(
+        candidates[b]["encode_ms"] for b in serving["ranking"])
+    for backend, row in candidates.items():
+        assert row["accepted"] == (backend in serving["ranking"]), row
+        if backend != "torch-fp32" and "encode_ms" in row:
+            assert ("within" in row["reason"]) == row["accepted"]
 
     # Not worse is the rule: an impossible margin keeps the promoted model, and says why.
     kept = promote(root, tolerance=-1.0)
@@ -118,10 +131,48 @@ def test_predictor_answers_trained_library_and_free_text_patterns(promoted):
     assert predictor.zero_shot_classes(embedding[None, :]).sum() == pytest.approx(1.0)
     shares = predictor.prompt_probabilities(embedding[None, :], ["a hammer", "a doji", "an inside bar"])
     assert shares.sum() == pytest.approx(1.0)
-    reduced = Predictor(promotion.promoted(NAME).path, precision="bf16").encode([image])[0]
-    assert float(reduced @ embedding) > 0.99  # a bf16 encoder stays close to fp32 (the promotion guard decides)
-    with pytest.raises(ValueError, match="precision 'fp16'"):
-        Predictor(promotion.promoted(NAME).path, precision="fp16")
+    # Every backend encodes the same chart to nearly the same embedding (the promotion guard decides on accuracy).
+    for backend in ("torch-bf16", "onnx-fp32", "onnx-int8"):
+        other = Predictor(promotion.promoted(NAME).path, backend=backend).encode([image, image.rotate(90)])
+        assert float(other[0] @ embedding) > (0.9999 if backend == "onnx-fp32" else 0.99), backend
+        assert np.linalg.norm(other, axis=1) == pytest.approx([1.0, 1.0], abs=1e-2)  # bf16 keeps ~3 digits
+    with pytest.raises(ValueError, match="backend 'onnx-fp16'"):
+        Predictor(promotion.promoted(NAME).path, backend="onnx-fp16")
+
+
+def test_backend_resolution_follows_the_promotion_ranking(promoted, tmp_path):
+    bundle = promotion.promoted(NAME).path
+    with open(os.path.join(bundle, "bundle.json")) as handle:
+        manifest = json.load(handle)
+    backend, _ = encoders.resolve_encoder(bundle, manifest, "auto", "cpu")
+    assert backend == next(b for b in manifest["serving"]["ranking"] if encoders.runnable(b, "cpu", bundle) is None)
+    assert encoders.resolve_encoder(bundle, manifest, "onnx-fp32", "cpu")[0] == "onnx-fp32"
+    # A bundle without the exported files cannot serve ONNX: auto falls back, an explicit request is refused.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    ranked = {"serving": {"ranking": ["onnx-int8", "onnx-fp32", "torch-fp32"]}}
+    assert encoders.resolve_encoder(bare, ranked, "auto", "cpu")[0] == "torch-fp32"
+    with pytest.raises(ValueError, match="no image_encoder.int8.onnx"):
+        encoders.resolve_encoder(bare, ranked, "onnx-int8", "cpu")
+    # Bundles promoted before the ONNX backends recorded a torch precision.
+    assert encoders.resolve_encoder(bare, {"serving": {"precision": "fp32"}}, "auto", "cpu")[0] == "torch-fp32"
+
+
+def test_an_encoder_the_guard_refuses_is_not_served(promoted, tmp_path):
+    # An impossible bound (a negative drop) refuses every backend but the reference.
+    root, _ = promoted
+    from vlm_assets.pipeline.serving import _test_split
+
+    split = _test_split(ArtifactStore(root))
+    bundle = tmp_path / "bundle"
+    manifest = promotion.assemble_bundle(ArtifactStore(root), bundle, "test")
+    reference = Predictor(bundle)
+    serving = promotion.choose_encoder(manifest, reference, split, promotion.score(reference, split),
+                                       ["onnx-int8"], max_drop=-1.0)
+    assert serving["encoder"] == "torch-fp32" and serving["ranking"] == ["torch-fp32"]
+    assert not serving["candidates"]["onnx-int8"]["accepted"]
+    assert "beyond" in serving["candidates"]["onnx-int8"]["reason"]
+    assert (bundle / "image_encoder.int8.onnx").exists() and "image_encoder.int8.onnx" in manifest["files"]
 
 
 def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):

@@ -119,8 +119,13 @@ def test_serving_config_from_environment_names_a_bad_variable():
     assert config.log_directory == os.path.join("/data/a", "predictions")
     with pytest.raises(ValueError, match="CANDLE_VLM_THREADS='many': expected an integer"):
         ServingConfig.from_env({"CANDLE_VLM_THREADS": "many"})
-    with pytest.raises(ValueError, match="CANDLE_VLM_PRECISION='fp8': expected auto, fp32 or bf16"):
-        ServingConfig.from_env({"CANDLE_VLM_PRECISION": "fp8"})
+    with pytest.raises(ValueError, match="CANDLE_VLM_ENCODER='onnx-fp8': expected auto, torch-fp32"):
+        ServingConfig.from_env({"CANDLE_VLM_ENCODER": "onnx-fp8"})
+    with pytest.raises(ValueError, match="CANDLE_VLM_WORKERS=0: at least 1"):
+        ServingConfig.from_env({"CANDLE_VLM_WORKERS": "0"})
+    # Each worker's encoder gets its share of the cores unless threads are set.
+    cores = len(os.sched_getaffinity(0))
+    assert ServingConfig(workers=cores).worker_threads == 1 and ServingConfig(threads=3).worker_threads == 3
 
 
 def _record(i, time):

@@ -116,24 +116,32 @@ class ChartCLIP:
             batch = torch.stack([self.preprocess(i) for i in images])
         return self.model.encode_image(batch.to(self.device), normalize=normalize)
 
-    def _pixels_at_input_size(self, images):
-        """The preprocessing of images already at the model's input size, batched: resize and crop leave them as they
-        are, so this equals `preprocess` exactly, for a fraction of the cost. None when it does not apply."""
-        import torch
+    def input_normalization(self) -> tuple[tuple[int, int], list[float], list[float]] | None:
+        """(height, width), channel mean and std when `preprocess` is only resize, crop and normalize: then an image
+        already at the input size needs nothing but the normalization. None for any other preprocessing."""
         from torchvision.transforms import CenterCrop, Normalize, Resize
 
         size = getattr(self.model.visual, "image_size", None)
         size = (size, size) if isinstance(size, int) else tuple(size or ())
         steps = getattr(self.preprocess, "transforms", [])
         normal = [t for t in steps if isinstance(t, Normalize)]
-        if len(size) != 2 or len(normal) != 1 or any(i.size != size[::-1] for i in images) or not all(
+        if len(size) != 2 or len(normal) != 1 or not all(
                 isinstance(t, (Resize, CenterCrop, Normalize)) or type(t).__name__ in ("MaybeConvertMode", "MaybeToTensor")
                 for t in steps):
             return None
+        return (int(size[0]), int(size[1])), list(normal[0].mean), list(normal[0].std)
+
+    def _pixels_at_input_size(self, images):
+        """The preprocessing of images already at the model's input size, batched: resize and crop leave them as they
+        are, so this equals `preprocess` exactly, for a fraction of the cost. None when it does not apply."""
+        import torch
+
+        normalization = self.input_normalization()
+        if normalization is None or any(i.size != normalization[0][::-1] for i in images):
+            return None
+        _, mean, std = normalization
         pixels = torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2).float().div(255)
-        mean = torch.tensor(normal[0].mean).view(1, -1, 1, 1)
-        std = torch.tensor(normal[0].std).view(1, -1, 1, 1)
-        return (pixels - mean) / std
+        return (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
     def encode_texts(self, texts: list[str], normalize: bool = True):
         return self.model.encode_text(self.tokenize(texts), normalize=normalize)

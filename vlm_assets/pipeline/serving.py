@@ -17,7 +17,7 @@ from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, write_version
 from vlm_assets.pipeline.fusion import fuser
 from vlm_assets.pipeline.model import dataset_windows
-from vlm_assets.serving.predictor import Predictor, native_bf16
+from vlm_assets.serving.predictor import Predictor
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 SERVING_GROUP = "serving"
@@ -29,21 +29,11 @@ class PromotionConfig(Config):
     force: bool = Field(default=False, description="promote without comparing (e.g. after a breaking change)")
     model_name: str = Field(default=promotion.MODEL_NAME, description="name in the BentoML model store")
     render_bars: int = Field(default=120, description="bars a served chart shows (training windows: 50-120)")
-    try_bf16: bool = Field(default=True, description="measure a bf16 image encoder and serve it if the guard passes")
-    max_bf16_drop: float = Field(default=0.005, description="largest drop of test macro F1 / recall (with bars and "
-                                 "image only) bf16 may cause against fp32")
-
-
-def _serving_precision(config: PromotionConfig, directory: str, device: str, split, fp32: dict) -> dict:
-    """fp32, or bf16 when this machine runs it natively and the precision guard passes on the test split."""
-    if not config.try_bf16:
-        return {"precision": "fp32", "reason": "bf16 not tried (config)"}
-    if not native_bf16(device):
-        return {"precision": "fp32", "reason": f"{device} has no native bf16: not measured"}
-    bf16 = promotion.score(Predictor(directory, device, precision="bf16"), split)
-    ok, reason = promotion.precision_guard(fp32, bf16, config.max_bf16_drop)
-    return {"precision": "bf16" if ok else "fp32", "reason": reason,
-            "bf16": {k: v for k, v in bf16.items() if k != "per_pattern_f1"}}
+    encoders: list[str] = Field(default=["torch-bf16", "onnx-fp32", "onnx-int8"],
+                                description="image-encoder backends measured against torch-fp32; the fastest one the "
+                                "accuracy guard accepts is served (torch-bf16 only where bf16 is native)")
+    max_accuracy_drop: float = Field(default=0.005, description="largest drop of test macro F1 / recall (with bars "
+                                     "and image only) a backend may cause against torch-fp32 (0.005 = 0.5 points)")
 
 
 def _test_split(artifacts) -> promotion.TestSplit:
@@ -68,10 +58,12 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
         manifest = promotion.assemble_bundle(artifacts, scratch, f"{__version__}+{PROMOTION_CODE_VERSION}",
                                              config.render_bars)
         device = compute.resolved_device()
-        candidate = promotion.score(Predictor(scratch, device), split)
+        reference = Predictor(scratch, device)
+        candidate = promotion.score(reference, split)
         context.log.info(f"candidate {manifest['bundle_id']}: test macro F1 {candidate['macro_f1']:.4f}")
-        manifest["serving"] = _serving_precision(config, scratch, device, split, candidate)
-        context.log.info(f"serving precision {manifest['serving']['precision']}: {manifest['serving']['reason']}")
+        serving = promotion.choose_encoder(manifest, reference, split, candidate, config.encoders,
+                                           config.max_accuracy_drop, compute.threads)
+        context.log.info(f"image encoder {serving['encoder']}: {serving['reason']}")
         (Path(scratch) / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         incumbent_metrics, incumbent_note = None, None
         if incumbent is not None:
@@ -103,8 +95,10 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
                   "bundle_id": manifest["bundle_id"], "parts": MetadataValue.json(manifest["parts"]),
                   "test_macro_f1": MetadataValue.float(candidate["macro_f1"]),
                   "sources": ", ".join(candidate["sources"]),
-                  "serving_precision": manifest["serving"]["precision"],
-                  "serving_precision_reason": manifest["serving"]["reason"],
+                  "image_encoder": manifest["serving"]["encoder"],
+                  "image_encoder_reason": manifest["serving"]["reason"],
+                  "image_encoders": md.table(pd.DataFrame.from_dict(manifest["serving"]["candidates"], orient="index"),
+                                             index_name="backend"),
                   "comparison": md.table(pd.DataFrame(rows)),
                   "per_pattern_f1": md.table(per_pattern, index_name="pattern"),
                   "serve": MetadataValue.md(f"`bentoml serve` serves `{config.model_name}:latest` (= `{tag}`); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 
+from vlm_assets.serving.encoders import BACKENDS
 from vlm_assets.serving.requests import Limits
 
 PREFIX = "CANDLE_VLM_"
@@ -17,17 +18,25 @@ class ServingConfig:
     market_directory: str = ""  # instead of ohlcv_bars: a directory of <SYMBOL>_<TF>.csv|parquet files
     prediction_log: str = ""  # directory of the prediction log; default <artifact_root>/predictions
     log_fsync: bool = True  # fsync every group commit: a machine crash loses no acknowledged prediction
-    threads: int = 0  # torch intra-op threads; 0 = every available core
+    workers: int = 1  # server processes, each with its own copy of the model (they share nothing but the port)
+    threads: int = 0  # intra-op threads of each worker's encoder (torch or ONNX Runtime); 0 = cores / workers
     device: str = "cpu"
-    precision: str = "auto"  # image encoder: auto = the bundle's guarded choice where bf16 is native, else fp32
+    encoder: str = "auto"  # image-encoder backend; auto = the fastest one promotion accepted that runs here
     access_log: bool = False  # BentoML's access log (answers are in the prediction log, refusals in /metrics)
     max_batch_size: int = 32  # adaptive batching of image encoding
     max_latency_ms: int = 5000  # the batcher sheds (HTTP 503) a request it expects to wait longer than this
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"{PREFIX}PRECISION={self.precision!r}: expected auto, fp32 or bf16")
+        if self.encoder not in ("auto", *BACKENDS):
+            raise ValueError(f"{PREFIX}ENCODER={self.encoder!r}: expected auto, {', '.join(BACKENDS)}")
+        if self.workers < 1:
+            raise ValueError(f"{PREFIX}WORKERS={self.workers}: at least 1")
+
+    @property
+    def worker_threads(self) -> int:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return self.threads or max(1, cores // self.workers)
 
     @property
     def log_directory(self) -> str:

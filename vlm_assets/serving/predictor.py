@@ -11,6 +11,7 @@ A bundle is a directory:
   resnet.safetensors(.json)   the ResNet baseline, only when fusion uses it
   prompt_library.json         the prompt library the evaluation selected from
   prompt_embeddings.npy       that library's prompt embeddings (computed once per model version)
+  image_encoder(.int8).onnx   the image tower exported for ONNX Runtime, fp32 and int8 (vlm_assets.serving.encoders)
 """
 
 from __future__ import annotations
@@ -30,23 +31,12 @@ from vlm_assets import fusion
 from vlm_assets.calibration import Calibrator
 from vlm_assets.features import FEATURE_NAMES, FeatureModel, window_features
 from vlm_assets.labeling import CORE_PATTERNS, NEUTRAL
+from vlm_assets.serving import encoders
 from vlm_assets.serving.requests import CHART_SIZE, pattern_key
 
 BUNDLE_FORMAT = "candle-vlm/bundle-1"
 CALIBRATED_CLASSES = (*CORE_PATTERNS, NEUTRAL)  # the calibrator's columns
 TEXT_CACHE_SIZE = 4096
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def native_bf16(device: str) -> bool:
-    """Whether bf16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX); emulated bf16 is slower."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def embedding_id(embedding: np.ndarray) -> str:
@@ -71,7 +61,7 @@ class TrainedScores:
 
 class Predictor:
     def __init__(self, directory: str | os.PathLike, device: str = "cpu", version: str | None = None,
-                 precision: str = "fp32"):
+                 backend: str = "torch-fp32", threads: int = 0):
         from vlm_assets.baselines import from_bytes
         from vlm_assets.model import load_checkpoint
         from vlm_assets.prompts import load_prompt_library
@@ -110,9 +100,12 @@ class Predictor:
         self._calibrated_rows = [self.library_classes.index(c) for c in CALIBRATED_CLASSES]
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._device = device
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        self.precision = precision  # of the image encoder; the text tower stays fp32
+        self.backend = encoders.check_backend(backend)  # of the image encoder; the text tower stays fp32 in torch
+        unavailable = encoders.runnable(backend, device, self.directory)
+        if backend in encoders.ONNX_FILES and unavailable:
+            raise ValueError(f"image encoder backend {backend}: {unavailable}")
+        self._onnx = encoders.OnnxEncoder(self.directory / encoders.ONNX_FILES[backend], device, threads) \
+            if backend in encoders.ONNX_FILES else None
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
@@ -139,8 +132,10 @@ class Predictor:
         import torch
 
         images = [self.chart_image(i) for i in images]
+        if self._onnx is not None:
+            return self._onnx(encoders.pixel_batch(images))
         device_type = "cuda" if self._device.startswith("cuda") else "cpu"
-        with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=self.backend == "torch-bf16"):
             return self.clip.encode_images(images).float().cpu().numpy()
 
     def text_embeddings(self, texts: list[str]) -> np.ndarray:

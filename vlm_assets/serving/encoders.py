@@ -1,0 +1,151 @@
+"""Image-encoder backends: the fine-tuned image tower in torch (fp32, or bf16 autocast), or exported to ONNX and run
+by ONNX Runtime (fp32, or int8 weights with dynamically quantized activations).
+
+The exported graph takes what the service has in hand, uint8 RGB pixels (n, height, width, 3) at the model's input
+size, and returns L2-normalized embeddings: normalization and layout are in the graph, so a request costs one
+`np.stack` of Python work before the encoder, and ONNX Runtime runs the whole batch without holding the GIL.
+Promotion exports both files into the bundle and picks the fastest backend that passes the accuracy guard
+(`vlm_assets.promotion.choose_encoder`); the service runs the bundle's choice (`resolve_encoder`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from vlm_assets.storage import atomic_write
+
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+ONNX_FILES = {"onnx-fp32": "image_encoder.onnx", "onnx-int8": "image_encoder.int8.onnx"}
+# Only matrix products get int8 weights: ONNX Runtime's integer convolution (ConvInteger) ran slower than fp32 on
+# the conv stem here, while int8 MatMul halves the transformer's time (docs/benchmarks.md).
+INT8_OPS = ["MatMul", "Gemm"]
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"image encoder backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 runs natively here (CUDA with bf16, or a CPU with AVX512-BF16/AMX); emulated bf16 is slower."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def runnable(backend: str, device: str, directory: str | os.PathLike) -> str | None:
+    """Why `backend` cannot run here for the bundle in `directory`, or None when it can."""
+    if backend == "torch-bf16" and not native_bf16(device):
+        return f"{device} has no native bf16"
+    if backend in ONNX_FILES and not (Path(directory) / ONNX_FILES[backend]).exists():
+        return f"the bundle has no {ONNX_FILES[backend]} (not exported at promotion)"
+    return None
+
+
+def resolve_encoder(directory: str | os.PathLike, manifest: dict, requested: str, device: str) -> tuple[str, str]:
+    """The backend to serve and why: `requested`, or for `auto` the fastest backend promotion accepted that runs
+    here (bundles from before the ONNX backends recorded only a torch precision)."""
+    if requested != "auto":
+        unavailable = runnable(check_backend(requested), device, directory)
+        if unavailable:
+            raise ValueError(f"image encoder backend {requested}: {unavailable}")
+        return requested, "set in the service's config"
+    serving = manifest.get("serving", {})
+    ranking = serving.get("ranking") or [serving.get("encoder") or f"torch-{serving.get('precision', 'fp32')}"]
+    for backend in ranking:
+        if runnable(backend, device, directory) is None:
+            return backend, f"the fastest backend promotion accepted that runs on {device}"
+    return "torch-fp32", f"none of the accepted backends ({', '.join(ranking)}) runs on {device}"
+
+
+def pixel_batch(images: list) -> np.ndarray:
+    """(n, height, width, 3) uint8 from RGB PIL images of one size."""
+    return np.stack([np.asarray(image, dtype=np.uint8) for image in images])
+
+
+def _encoder_module(clip):
+    """uint8 (n, h, w, 3) -> normalized (n, d): the model's own preprocessing for charts at its input size."""
+    import torch
+
+    normalization = clip.input_normalization()
+    if normalization is None:
+        raise ValueError(f"{clip.spec.name}: its preprocessing is more than resize, crop and normalize; the ONNX "
+                         "export covers only that")
+    _, mean, std = normalization
+
+    class ImageEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = clip.model.visual
+            self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+            self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+        def forward(self, pixels):
+            images = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
+            return torch.nn.functional.normalize(self.visual(images), dim=-1)
+
+    return ImageEncoder().eval()
+
+
+def export_onnx(clip, path: str | os.PathLike) -> None:
+    """The image tower with its normalization as one ONNX graph with a dynamic batch dimension (atomic write)."""
+    import torch
+
+    module = _encoder_module(clip)
+    (height, width), _, _ = clip.input_normalization()
+    example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's progress chatter
+        program = torch.onnx.export(module, (example,), input_names=["pixels"], output_names=["embeddings"],
+                                    dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+    buffer = io.BytesIO()
+    program.save(buffer)
+    atomic_write(Path(path), buffer.getvalue())
+
+
+def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """int8 weights for the matrix products of `source`, activations quantized per call (atomic write)."""
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target = Path(target)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        staged = Path(scratch) / target.name
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # the quantizer logs its generic advice on pre-processing as warnings
+        try:
+            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)
+        finally:
+            root.setLevel(level)
+        os.replace(staged, target)
+
+
+class OnnxEncoder:
+    """An exported image encoder in ONNX Runtime: uint8 pixels in, normalized float32 embeddings out."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, one per core
+        options.inter_op_num_threads = 1
+        # Idle pool threads sleep instead of spinning: spinning wins ~0.2 ms per call but burns the core the event
+        # loop needs for the next requests (measured: 7 ms of CPU for a 2.6 ms batch-1 call on 2 threads).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") and \
+            "CUDAExecutionProvider" in ort.get_available_providers() else []
+        self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"pixels": pixels})[0]
