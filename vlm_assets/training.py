@@ -329,7 +329,7 @@ def autocast_dtype(device: str, precision: str):
     return torch.bfloat16
 
 
-def _autocast(device: str, precision: str):
+def autocast_context(device: str, precision: str):
     import contextlib
 
     dtype = autocast_dtype(device, precision)
@@ -473,7 +473,7 @@ def _train(trainee, params: list, windows: TrainingWindows, optim: OptimConfig, 
     images = 0
     bar = tqdm(total=optim.steps, unit="step", mininterval=2.0, disable=None)  # a bar on terminals, silent in logs
     for step, batch in enumerate(_loader(windows, trainee.preprocess, planner, optim, captions)):
-        with _autocast(trainee.device, optim.precision):
+        with autocast_context(trainee.device, optim.precision):
             losses = step_loss(batch)
         total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
@@ -565,7 +565,7 @@ def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size
     """Normalized text embeddings of a frozen text tower, computed once. The caller keeps the tower in eval mode (no
     dropout): models come from `create`/`load_checkpoint` in eval mode, and `_train` keeps `frozen` towers there."""
     rows = []
-    with torch.no_grad(), _autocast(clip.device, "auto"):
+    with torch.no_grad(), autocast_context(clip.device, "auto"):
         for start in range(0, len(texts), batch_size):
             rows.append(clip.encode_texts(texts[start:start + batch_size]).float().cpu())
             if progress is not None:
