@@ -1,12 +1,13 @@
 """HTTP benchmark of the inference service on loopback: latency and throughput of /predict/patterns.
 
-    python bench/serve.py [--sequential 500] [--concurrency 16] [--requests 2000] [--bars 100] [--json out.json]
+    python bench/serve.py [--sequential 500] [--concurrency 1,4,16,32] [--requests 2000] [--bars 100] [--json out.json]
 
 Starts `bentoml serve bento.service:CandleVLM` (the promoted model: `candle_vlm:latest` in $BENTOML_HOME, or
 CANDLE_VLM_MODEL) on a free port, warms it up, then measures (1) sequential requests with 100 bars: median, P95,
-P99 latency as the client sees it; (2) requests per second at the given concurrency; and reports the batch sizes the
-server's adaptive batcher formed in each phase (from its /metrics). The client (aiohttp) runs on the same machine and shares its
-cores with the server, as it would for a co-located caller.
+P99 latency as the client sees it; (2) requests per second at each concurrency level; and reports the batch sizes
+the server's adaptive batcher formed in each phase (from its /metrics). The server runs with the CANDLE_VLM_*
+settings of the environment (e.g. CANDLE_VLM_WORKERS, CANDLE_VLM_ENCODER). The client (aiohttp) runs on the same
+machine and shares its cores with the server, as it would for a co-located caller.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import re
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -59,12 +61,13 @@ def formed(before: dict, after: dict) -> dict:
             "batches_by_size_up_to": {k: v for k, v in by_size.items() if v}}
 
 
-async def measure(url: str, payload: dict, sequential: int, concurrency: int, requests: int, server_pid: int) -> dict:
+async def measure(url: str, payload: dict, sequential: int, concurrencies: list[int], requests: int,
+                  server_pid: int) -> dict:
     import aiohttp
 
     body = json.dumps(payload).encode()
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=max(concurrency, 1))
+    connector = aiohttp.TCPConnector(limit=max(concurrencies, default=1))
     async with aiohttp.ClientSession(connector=connector) as session:
         async def one() -> float:
             started = time.perf_counter()
@@ -74,82 +77,95 @@ async def measure(url: str, payload: dict, sequential: int, concurrency: int, re
                     raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
             return time.perf_counter() - started
 
-        for _ in range(30):  # warm-up: connection, allocator, dispatcher's latency model
-            await one()
         async def batches() -> dict:
             async with session.get(f"{url}/metrics") as response:
                 return batch_histogram(await response.text())
 
-        start_sequential = await batches()
+        async def concurrent(concurrency: int) -> dict:
+            queue = iter(range(requests))
+            times: list = []
+
+            async def worker():
+                for _ in queue:
+                    times.append(await one())
+
+            before = await batches()
+            server_cpu, client_cpu = tree_cpu_seconds(server_pid), time.process_time()
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+            server_cpu, client_cpu = tree_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+            latencies = np.array(times) * 1000
+            return {"concurrency": concurrency, "requests": requests, "seconds": elapsed,
+                    "requests_per_second": requests / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
+                    "p95_ms": float(np.percentile(latencies, 95)),
+                    "server_cpu_ms_per_request": server_cpu / requests * 1000,
+                    "client_cpu_ms_per_request": client_cpu / requests * 1000,
+                    "batches": formed(before, await batches())}
+
+        for _ in range(30):  # warm-up: connection, allocator, dispatcher's latency model
+            await one()
+        before = await batches()
         latencies = np.array([await one() for _ in range(sequential)]) * 1000
-        start_concurrent = await batches()
-
-        queue = iter(range(requests))
-
-        async def worker(times: list):
-            for _ in queue:
-                times.append(await one())
-
-        times: list = []
-        server_cpu, client_cpu = tree_cpu_seconds(server_pid), time.process_time()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(times) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        server_cpu, client_cpu = tree_cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
-        end = await batches()
-    concurrent = np.array(times) * 1000
+        sequential_batches = formed(before, await batches())
+        levels = [await concurrent(c) for c in concurrencies]
     return {
         "sequential": {"requests": sequential, "p50_ms": float(np.percentile(latencies, 50)),
                        "p95_ms": float(np.percentile(latencies, 95)), "p99_ms": float(np.percentile(latencies, 99)),
-                       "mean_ms": float(latencies.mean())},
-        "concurrent": {"concurrency": concurrency, "requests": requests, "seconds": elapsed,
-                       "requests_per_second": requests / elapsed, "p50_ms": float(np.percentile(concurrent, 50)),
-                       "p95_ms": float(np.percentile(concurrent, 95)),
-                       "server_cpu_ms_per_request": server_cpu / requests * 1000,
-                       "client_cpu_ms_per_request": client_cpu / requests * 1000},
-        "batches": {"sequential": formed(start_sequential, start_concurrent),
-                    "concurrent": formed(start_concurrent, end)},
+                       "mean_ms": float(latencies.mean()), "batches": sequential_batches},
+        "concurrent": levels,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def table(report: dict) -> str:
+    seq = report["sequential"]
+    rows = [("encoder backend / workers / threads", f"{report['encoder']} / {report['workers']} / {report['threads']}"),
+            ("sequential P50 / P95 / P99 (ms)", f"{seq['p50_ms']:.1f} / {seq['p95_ms']:.1f} / {seq['p99_ms']:.1f}")]
+    for level in report["concurrent"]:
+        by_size = ", ".join(f"<={float(k):g}: {v}" if k != "+Inf" else f">{v}"
+                            for k, v in level["batches"]["batches_by_size_up_to"].items())
+        rows += [(f"concurrency {level['concurrency']}: req/s, P50 / P95 (ms)",
+                  f"{level['requests_per_second']:.1f}, {level['p50_ms']:.1f} / {level['p95_ms']:.1f}"),
+                 ("    CPU per request, server / client (ms)",
+                  f"{level['server_cpu_ms_per_request']:.1f} / {level['client_cpu_ms_per_request']:.1f}"),
+                 ("    encoder batches: mean size; per size bucket",
+                  f"{level['batches']['mean_batch_size']:.2f}; {by_size}")]
+    rows.append(("predictions logged", str(report["logged_predictions"])))
+    return "\n".join(f"{name:48s} {value}" for name, value in rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequential", type=int, default=500)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=2000, help="requests in the concurrent phase")
+    parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     parser.add_argument("--bars", type=int, default=100)
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
 
+    from vlm_assets.serving.config import ServingConfig
+
+    config = ServingConfig.from_env()
     payload = {"symbol": "BENCH", "timeframe": "5m", "bars": synthetic_bars(args.bars)}
     with tempfile.TemporaryDirectory(prefix="candle-vlm-serve-bench-") as scratch:
         env = {"CANDLE_VLM_PREDICTION_LOG": str(Path(scratch) / "predictions")}
         with Server(env, log_path=str(Path(scratch) / "server.log")) as server:
-            report = asyncio.run(measure(server.url, payload, args.sequential, args.concurrency, args.requests,
+            report = asyncio.run(measure(server.url, payload, args.sequential,
+                                         [int(c) for c in args.concurrency.split(",")], args.requests,
                                          server.process.pid))
+            encoder = re.search(r'candle_vlm_model_info\{[^}]*encoder="([^"]+)"',
+                                urllib.request.urlopen(f"{server.url}/metrics").read().decode())
         logged = sum(1 for p in (Path(scratch) / "predictions").rglob("*.jsonl") for _ in p.open("rb"))
-    report |= {"bars": args.bars, "logged_predictions": logged, "machine": machine_info(),
+    report |= {"bars": args.bars, "encoder": encoder.group(1) if encoder else "unknown", "workers": config.workers,
+               "threads": config.worker_threads, "logged_predictions": logged, "machine": machine_info(),
                "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    seq, conc = report["sequential"], report["concurrent"]
-    rows = [("sequential P50 / P95 / P99 (ms)", f"{seq['p50_ms']:.1f} / {seq['p95_ms']:.1f} / {seq['p99_ms']:.1f}"),
-            (f"throughput at concurrency {conc['concurrency']} (req/s)", f"{conc['requests_per_second']:.1f}"),
-            ("concurrent P50 / P95 (ms)", f"{conc['p50_ms']:.1f} / {conc['p95_ms']:.1f}"),
-            ("CPU per request, server / client (ms)",
-             f"{conc['server_cpu_ms_per_request']:.1f} / {conc['client_cpu_ms_per_request']:.1f}"),
-            ("concurrent phase: encoder batches, mean size",
-             f"{report['batches']['concurrent']['batches']}, {report['batches']['concurrent']['mean_batch_size']:.2f}"),
-            ("concurrent phase: batches per size bucket",
-             ", ".join(f"<={float(k):g}: {v}" if k != "+Inf" else f">{v}"
-                       for k, v in report["batches"]["concurrent"]["batches_by_size_up_to"].items())),
-            ("predictions logged", str(logged))]
     print(json.dumps(report, indent=2))
     print()
-    for name, value in rows:
-        print(f"{name:48s} {value}")
+    print(table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
