@@ -66,3 +66,19 @@ def test_feature_model_learns_a_rule_round_trips_and_is_deterministic():
     assert train_feature_model(features.iloc[:200], labels.iloc[:200], config).to_json() == model.to_json()
     with pytest.raises(ValueError, match="missing column"):
         model.predict(features.drop(columns=["last_gap_avg"]))
+
+
+def test_one_row_predictions_equal_the_batch_path_bit_for_bit():
+    # A served request predicts one row through LightGBM's single-row C path; it must agree with Booster.predict,
+    # missing values included.
+    from vlm_assets.features import BoostingConfig, train_feature_model
+
+    rows = np.array([window_features(_bars(30, seed)) for seed in range(200)])
+    features = pd.DataFrame(rows, columns=list(FEATURE_NAMES))
+    labels = pd.DataFrame({"bullish": features["last_direction"] > 0, "never": np.zeros(200, bool)})
+    model = train_feature_model(features, labels, BoostingConfig(n_estimators=30))
+    probe = np.random.default_rng(1).normal(size=(50, len(FEATURE_NAMES)))
+    probe[::3, ::4] = np.nan
+    one_by_one = np.vstack([model.predict(probe[i:i + 1]) for i in range(len(probe))])
+    assert np.array_equal(one_by_one, model.predict(probe))
+    assert one_by_one[:, 1].tolist() == [0.0] * len(probe)  # the base-rate class answers on this path too

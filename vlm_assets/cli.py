@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 
-def _project_instance_env(project: Path) -> None:
+def project_instance_env(project: Path) -> None:
     """The same instance `dagster dev` gets from .env: ./dagster.yaml, state under ./.dagster_home."""
     os.environ.setdefault("DAGSTER_HOME", str(project))
     os.environ.setdefault("CANDLE_VLM_DAGSTER_STATE", str(project / ".dagster_home"))
@@ -26,7 +26,7 @@ def _load_run_config(path: str | None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    _project_instance_env(Path.cwd())
+    project_instance_env(Path.cwd())
     from dagster import DagsterInstance
 
     from vlm_assets.definitions import ALL_ASSETS, defs
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ui(args: argparse.Namespace) -> int:
-    _project_instance_env(Path.cwd())
+    project_instance_env(Path.cwd())
     command = ["dagster", "dev", "-w", "workspace.yaml", "-p", str(args.port), "-h", args.host]
     os.execvp(command[0], command)
     return 0

@@ -19,6 +19,11 @@ main_job = define_asset_job(
 )
 
 
+def main_job_assets() -> list:
+    """The asset keys the main job materializes."""
+    return [key for asset in ALL_ASSETS for key in asset.keys]
+
+
 def default_resources() -> dict:
     return {"market": MarketDataResource(), "store": ArtifactStoreResource(), "compute": ComputeResource()}
 
