@@ -92,7 +92,7 @@ def _encoder_module(clip):
             images = (pixels.permute(0, 3, 1, 2).float() - self.mean) / self.std
             return torch.nn.functional.normalize(self.visual(images), dim=-1)
 
-    return ImageEncoder().eval()
+    return ImageEncoder().to(clip.device).eval()
 
 
 def export_onnx(clip, path: str | os.PathLike) -> None:
@@ -101,7 +101,7 @@ def export_onnx(clip, path: str | os.PathLike) -> None:
 
     module = _encoder_module(clip)
     (height, width), _, _ = clip.input_normalization()
-    example = torch.zeros((2, height, width, 3), dtype=torch.uint8)
+    example = torch.zeros((2, height, width, 3), dtype=torch.uint8, device=clip.device)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's progress chatter
