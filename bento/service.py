@@ -4,7 +4,8 @@ Serves the promoted bundle (`candle_vlm:latest` in the BentoML model store, or `
 library the pipeline trains and promotes with (`vlm_assets.serving`):
 
 - `POST /predict/patterns` {symbol, timeframe, bars | image_base64, patterns}: trained patterns get calibrated, fused
-  probabilities; any other name or free text is scored zero-shot (`calibrated: false`).
+  probabilities; any other name or free text is scored zero-shot (`calibrated: false`). With bars, the answer
+  also carries the trading `signal` (direction, confidence, gated, reasons; vlm_assets.trading).
 - `POST /query/zero_shot` {image_base64, prompts}: probabilities over the given prompts.
 - `GET /embeddings?symbol=&timeframe=&lookback=`: the embedding of a symbol's latest bars from the market-data store.
 - `POST /embed_charts` {charts: [...]}: embeddings of many charts, batched across callers by BentoML.
@@ -189,7 +190,7 @@ class CandleVLM:
         resnet = None
         if "resnet" in self.predictor.sources_for(has_bars):
             resnet = self.predictor.resnet_outputs([image])
-        result = self.predictor.score_patterns(embedding, patterns, features, resnet)
+        result = self.predictor.score_patterns(embedding, patterns, features, resnet, timeframe)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "bars" if has_bars else "image",
                  "bars_used": len(window) if has_bars else None}
         # A ready Response: BentoML's dict serialization rebuilds the output schema on every call.
@@ -225,7 +226,7 @@ class CandleVLM:
             return _error("embeddings", error)
         embedding = await self._embed(self.predictor.render(frame))
         features = self.predictor.features([frame])[0]
-        result = self.predictor.score_patterns(embedding, list(CORE_PATTERNS), features)
+        result = self.predictor.score_patterns(embedding, list(CORE_PATTERNS), features, timeframe=timeframe)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "market", "bars_used": len(frame),
                  "last_bar": frame.index[-1].isoformat(), "embedding": [float(x) for x in embedding]}
         return JSONResponse(await self._answer("embeddings", started, embedding, result, extra))
@@ -241,6 +242,8 @@ class CandleVLM:
                   "embedding": [round(float(x), 6) for x in embedding], "probabilities": result["probabilities"],
                   "calibrated": result["calibrated"], "latency_ms": answer["latency_ms"],
                   **{k: v for k, v in extra.items() if k != "embedding"}}
+        if "signal" in result:
+            record["signal"] = {k: result["signal"][k] for k in ("direction", "confidence", "gated")}
         logged = time.perf_counter()
         await self.log.append_async(record)
         STAGE_SECONDS.labels(stage="log").observe(time.perf_counter() - logged)

@@ -26,7 +26,16 @@ TINY_RUN_CONFIG = {
 }
 # Real training, a few steps of a few charts: enough to exercise every code path, not to learn.
 TINY_TRAINING = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "workers": 0}
-TINY_FULL_RUN_CONFIG = {"ops": TINY_RUN_CONFIG["ops"] | {
+TINY_HORIZONS = {"1m": 15, "5m": 6, "15m": 4}
+TINY_TRADING = {"ops": {
+    "direction_model": {"config": {"horizons": TINY_HORIZONS, "folds": 4, "min_train_rows": 20, "n_estimators": 20,
+                                   "learning_rate": 0.1, "num_leaves": 7, "min_child_samples": 5, "threads": 1,
+                                   "guard_sample": 64}},
+    # any lean of the direction model counts and gates open easily: the tiny run has ~10 validation windows and a
+    # barely trained fuser, and the point here is that every path runs
+    "gated_signals": {"config": {"min_confidence": 0.5, "min_precision": 0.5, "min_probability": 0.0}},
+}}
+TINY_FULL_RUN_CONFIG = {"ops": TINY_RUN_CONFIG["ops"] | TINY_TRADING["ops"] | {
     "chart_clip_pretrained": {"config": TINY_TRAINING | {"caption_pool": 32}},
     "chart_clip_finetuned": {"config": TINY_TRAINING},
     "resnet_baseline": {"config": TINY_TRAINING},
@@ -54,15 +63,17 @@ def encoder():
 
 
 def run_model_pipeline(root):
-    """Data, model and fusion assets with their checks, materialized for real on the tiny config."""
+    """Data, model, fusion and trading assets with their checks, materialized for real on the tiny config."""
     from dagster import materialize
 
     from vlm_assets.definitions import DATA_ASSETS
     from vlm_assets.pipeline.checks import FUSION_CHECKS, MODEL_CHECKS
     from vlm_assets.pipeline.fusion import FUSION_ASSETS
     from vlm_assets.pipeline.model import MODEL_ASSETS
+    from vlm_assets.pipeline.trading import TRADING_ASSETS, TRADING_CHECKS
 
-    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS],
+    return materialize([*DATA_ASSETS, *MODEL_ASSETS, *MODEL_CHECKS, *FUSION_ASSETS, *FUSION_CHECKS, *TRADING_ASSETS,
+                        *TRADING_CHECKS],
                        resources=tiny_resources(root), run_config=TINY_FULL_RUN_CONFIG)
 
 

@@ -14,6 +14,7 @@ from vlm_assets.definitions import DATA_ASSETS, defs
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline.checks import DATA_CHECKS, FUSION_CHECKS, MODEL_CHECKS, SERVING_CHECKS
 from vlm_assets.pipeline.model import MODEL_ASSETS
+from vlm_assets.pipeline.trading import TRADING_CHECKS
 from vlm_assets.storage import ArtifactStore
 from bench.common import check_outcomes
 from tests.conftest import TINY_FULL_RUN_CONFIG, TINY_MARKET, TINY_RUN_CONFIG, tiny_resources
@@ -119,7 +120,7 @@ def test_definitions_load_with_jobs_checks_and_resources():
     Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("main_job")
     assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS + MODEL_ASSETS}
-    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS) + len(SERVING_CHECKS)
+    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS) + len(TRADING_CHECKS) + len(SERVING_CHECKS)
 
 
 def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):

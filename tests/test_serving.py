@@ -190,12 +190,28 @@ def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
     answer = json.loads(reply.body)
     assert answer["model_version"] == str(promotion.promoted(NAME).tag)
     assert set(answer["probabilities"]) == {"hammer", "doji"} and answer["bars_used"] == 100
+    # With bars, the trading signal of the promoted gate over every trained pattern, as the library computes it.
+    signal = answer["signal"]
+    assert signal["direction"] in ("long", "short", "flat") and signal["gated"] == (signal["direction"] != "flat")
+    assert 0.0 <= signal["confidence"] <= 1.0 and signal["reasons"]
+    frame = parse_bars(synthetic_bars(100))
+    window = service.predictor.window(frame)
+    image = service.predictor.render(window)
+    resnet = service.predictor.resnet_outputs([image]) if "resnet" in service.predictor.sources_for(True) else None
+    trained = service.predictor.trained(service.predictor.encode([image]), service.predictor.features([window]),
+                                        resnet)
+    expected = service.predictor.signal_gate.signal(dict(zip(CORE_PATTERNS, trained.probabilities[0])),
+                                                    service.predictor.features([window])[0], "5m")
+    assert signal == json.loads(json.dumps(expected))
+    with open(os.path.join(promotion.promoted(NAME).path, "bundle.json")) as handle:
+        assert json.load(handle)["parts"]["gated_signals"] == ArtifactStore(root).current_version("gated_signals")
     refused = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m", bars=bars[:3]))
     assert refused.status_code == 400 and b"3 bars given" in refused.body
     both = asyncio.run(service.predict_patterns(symbol="ACME", timeframe="5m"))
     assert both.status_code == 400 and b"exactly one of bars or image_base64" in both.body
     logged = read_predictions(tmp_path / "log")
     assert list(logged["request_id"]) == [answer["request_id"]]  # only answered requests are logged
+    assert logged["signal"].iloc[0] == {k: signal[k] for k in ("direction", "confidence", "gated")}
 
 
 def _call(url, path, body=None, timeout=60):

@@ -7,10 +7,11 @@ from vlm_assets.pipeline.data import captions, chart_images, ohlcv_bars, pattern
 from vlm_assets.pipeline.fusion import FUSION_ASSETS
 from vlm_assets.pipeline.model import MODEL_ASSETS
 from vlm_assets.pipeline.serving import SERVING_ASSETS
+from vlm_assets.pipeline.trading import TRADING_ASSETS, TRADING_CHECKS
 from vlm_resources import ArtifactStoreResource, ComputeResource, MarketDataResource
 
 DATA_ASSETS = [ohlcv_bars, pattern_labels, chart_images, captions, vlm_dataset]
-ALL_ASSETS = DATA_ASSETS + MODEL_ASSETS + FUSION_ASSETS + SERVING_ASSETS
+ALL_ASSETS = DATA_ASSETS + MODEL_ASSETS + FUSION_ASSETS + TRADING_ASSETS + SERVING_ASSETS
 
 main_job = define_asset_job(
     "main_job",
@@ -30,7 +31,7 @@ def default_resources() -> dict:
 
 defs = Definitions(
     assets=ALL_ASSETS,
-    asset_checks=DATA_CHECKS + MODEL_CHECKS + FUSION_CHECKS + SERVING_CHECKS,
+    asset_checks=DATA_CHECKS + MODEL_CHECKS + FUSION_CHECKS + TRADING_CHECKS + SERVING_CHECKS,
     jobs=[main_job],
     resources=default_resources(),
     # torch steps already use every core; running steps one at a time in one process avoids oversubscription.

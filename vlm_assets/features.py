@@ -136,6 +136,7 @@ class _RowPredictor:
         self._lock = threading.Lock()  # the config holds the row buffer: one call at a time
         self._call, self._check, self._void_p, self._byref = (
             _LIB.LGBM_BoosterPredictForMatSingleRowFast, _safe_call, ctypes.c_void_p, ctypes.byref)
+        self._free = _LIB.LGBM_FastConfigFree  # held: __del__ may run at interpreter shutdown, past imports
 
     def __call__(self, row: np.ndarray) -> float:
         row = np.ascontiguousarray(row, dtype=np.float64)
@@ -145,10 +146,8 @@ class _RowPredictor:
             return float(self._out[0])
 
     def __del__(self):
-        from lightgbm.basic import _LIB
-
-        if getattr(self, "_config", None):
-            _LIB.LGBM_FastConfigFree(self._config)
+        if getattr(self, "_free", None) is not None:
+            self._free(self._config)
 
 
 @dataclass

@@ -40,8 +40,9 @@ def _version_files(artifacts: ArtifactStore, asset: str, names: list[str]) -> tu
 
 
 def assemble_bundle(artifacts: ArtifactStore, directory: str | os.PathLike, code_version: str,
-                    render_bars: int = 120) -> dict:
-    """Write the candidate bundle (the current version of every part) into `directory`; returns its manifest."""
+                    render_bars: int = 120, include_gate: bool = False) -> dict:
+    """Write the candidate bundle (the current version of every part) into `directory`; returns its manifest. With
+    `include_gate`, also the trading signal gate of `gated_signals` (which itself scores a bundle without one)."""
     from vlm_assets.prompts import load_prompt_library
     from vlm_assets.rendering import DEFAULT_STYLE, STYLE_VERSION
 
@@ -72,6 +73,14 @@ def assemble_bundle(artifacts: ArtifactStore, directory: str | os.PathLike, code
         versions["resnet_baseline"], resnet = _version_files(artifacts, "resnet_baseline",
                                                              [CHECKPOINT, f"{CHECKPOINT}.json"])
         files["resnet.safetensors"], files["resnet.safetensors.json"] = resnet[CHECKPOINT], resnet[f"{CHECKPOINT}.json"]
+    if include_gate:
+        from vlm_assets.trading import GATE_FILES
+
+        versions["gated_signals"], gate = _version_files(artifacts, "gated_signals", list(GATE_FILES))
+        missing = [name for name in GATE_FILES if name not in gate]
+        if missing:
+            raise ValueError(f"gated_signals/{versions['gated_signals']} lacks {', '.join(missing)}: re-materialize it")
+        files |= gate
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())

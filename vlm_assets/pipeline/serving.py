@@ -16,12 +16,13 @@ from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline import metadata as md
 from vlm_assets.pipeline.artifacts import load_bars, write_version
 from vlm_assets.pipeline.fusion import fuser
+from vlm_assets.pipeline.trading import gated_signals
 from vlm_assets.pipeline.model import dataset_windows
 from vlm_assets.serving.predictor import Predictor
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 SERVING_GROUP = "serving"
-PROMOTION_CODE_VERSION = "2"
+PROMOTION_CODE_VERSION = "3"
 
 
 class PromotionConfig(Config):
@@ -43,7 +44,7 @@ def _test_split(artifacts) -> promotion.TestSplit:
                                feature_frame(test, load_bars(artifacts)), test[list(CORE_PATTERNS)].to_numpy(bool))
 
 
-@asset(group_name=SERVING_GROUP, code_version=PROMOTION_CODE_VERSION, deps=[fuser], kinds={"bentoml"})
+@asset(group_name=SERVING_GROUP, code_version=PROMOTION_CODE_VERSION, deps=[fuser, gated_signals], kinds={"bentoml"})
 def promoted_model(context: AssetExecutionContext, config: PromotionConfig, store: ArtifactStoreResource,
                    compute: ComputeResource) -> MaterializeResult:
     """Assemble the candidate bundle (fine-tuned model, calibrator, fuser, feature model, prompt library, renderer
@@ -56,7 +57,7 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
     rule = promotion.PromotionRule(config.tolerance, config.force)
     with tempfile.TemporaryDirectory(prefix="candle-vlm-bundle-") as scratch:
         manifest = promotion.assemble_bundle(artifacts, scratch, f"{__version__}+{PROMOTION_CODE_VERSION}",
-                                             config.render_bars)
+                                             config.render_bars, include_gate=True)
         device = compute.resolved_device()
         reference = Predictor(scratch, device)
         candidate = promotion.score(reference, split)

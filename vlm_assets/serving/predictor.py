@@ -12,6 +12,7 @@ A bundle is a directory:
   prompt_library.json         the prompt library the evaluation selected from
   prompt_embeddings.npy       that library's prompt embeddings (computed once per model version)
   image_encoder(.int8).onnx   the image tower exported for ONNX Runtime, fp32 and int8 (vlm_assets.serving.encoders)
+  gate.json, direction_model.json   the trading signal gate (vlm_assets.trading), when promoted with one
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class Predictor:
         unavailable = encoders.runnable(backend, device, self.directory)
         if backend in encoders.ONNX_FILES and unavailable:
             raise ValueError(f"image encoder backend {backend}: {unavailable}")
+        from vlm_assets.trading import GATE_FILES, load_signal_gate
+
+        self.signal_gate = load_signal_gate(self.directory) if all(
+            (self.directory / name).exists() for name in GATE_FILES) else None
         self._onnx = encoders.OnnxEncoder(self.directory / encoders.ONNX_FILES[backend], device, threads) \
             if backend in encoders.ONNX_FILES else None
 
@@ -208,14 +213,17 @@ class Predictor:
         return np.exp(logits - _logsumexp(logits, axis=1)[:, None])
 
     def score_patterns(self, embedding: np.ndarray, patterns: list[str], features: np.ndarray | None = None,
-                       resnet: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                       resnet: tuple[np.ndarray, np.ndarray] | None = None, timeframe: str | None = None) -> dict:
         """One chart's answer: per requested pattern its probability, whether it is calibrated, and for trained
-        patterns whether it is detected. Trained patterns are fused; library and free-text patterns are zero-shot."""
+        patterns whether it is detected. Trained patterns are fused; library and free-text patterns are zero-shot.
+        With bars (`features`) and their `timeframe`, and a bundle with a signal gate, also the trading `signal`
+        (vlm_assets.trading.SignalGate.signal over every trained pattern, asked for or not)."""
         embeddings = embedding[None, :]
         keys = [pattern_key(p) for p in patterns]
         result = {"probabilities": {}, "calibrated": {}, "detected": {}, "kind": {}}
         trained = None
-        if any(k in CORE_PATTERNS for k in keys):
+        signal = self.signal_gate is not None and features is not None and timeframe is not None
+        if signal or any(k in CORE_PATTERNS for k in keys):
             trained = self.trained(embeddings, None if features is None else features[None, :], resnet)
         library = self.zero_shot_classes(embeddings)[0] if any(
             k in self.library_classes and k not in CORE_PATTERNS for k in keys) else None
@@ -239,6 +247,9 @@ class Predictor:
         if trained is not None:
             result["sources"] = trained.sources
             result["fusion"] = trained.fusion
+        if signal:
+            result["signal"] = self.signal_gate.signal(dict(zip(CORE_PATTERNS, trained.probabilities[0])), features,
+                                                       timeframe)
         return result
 
     def evaluate(self, pngs: list[bytes], features: pd.DataFrame) -> tuple[TrainedScores, TrainedScores]:
