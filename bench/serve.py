@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             encoder = re.search(r'candle_vlm_model_info\{[^}]*encoder="([^"]+)"',
                                 urllib.request.urlopen(f"{server.url}/metrics").read().decode())
         logged = sum(1 for p in (Path(scratch) / "predictions").rglob("*.jsonl") for _ in p.open("rb"))
-    report |= {"bars": args.bars, "encoder": encoder.group(1) if encoder else "unknown", "workers": config.workers,
+    report |= {"bars": args.bars, "encoder": encoder.group(1) if encoder else "unknown", "workers": config.server_workers,
                "threads": config.worker_threads, "logged_predictions": logged, "machine": machine_info(),
                "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(json.dumps(report, indent=2))

@@ -18,6 +18,7 @@ Every answer is appended to the prediction log (group-committed, fsynced) before
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
@@ -97,7 +98,7 @@ routes = Starlette(routes=[Route("/embeddings", embeddings_route, methods=["GET"
 @bentoml.asgi_app(routes, path="/")
 @bentoml.service(
     name="candle_vlm",
-    workers=CONFIG.workers,
+    workers=CONFIG.server_workers,
     threads=1,  # one encoder batch at a time; the encoder uses the worker's cores inside it
     traffic={"timeout": 60},
     # Every answer is in the prediction log and every refusal in /metrics; a line per request on stdout as well
@@ -185,11 +186,13 @@ class CandleVLM:
         has_bars = kind == "bars"
         window = self.predictor.window(value) if has_bars else None
         image = self.predictor.render(window) if has_bars else value
-        embedding = await self._embed(image)
+        pending = self.batcher.enqueue(image)
+        await asyncio.sleep(0)  # the encoder (in its thread, without the GIL) starts while the features are made here
         features = self.predictor.features([window])[0] if has_bars else None
         resnet = None
         if "resnet" in self.predictor.sources_for(has_bars):
             resnet = self.predictor.resnet_outputs([image])
+        embedding = await pending
         result = self.predictor.score_patterns(embedding, patterns, features, resnet, timeframe)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "bars" if has_bars else "image",
                  "bars_used": len(window) if has_bars else None}

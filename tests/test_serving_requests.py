@@ -121,11 +121,16 @@ def test_serving_config_from_environment_names_a_bad_variable():
         ServingConfig.from_env({"CANDLE_VLM_THREADS": "many"})
     with pytest.raises(ValueError, match="CANDLE_VLM_ENCODER='onnx-fp8': expected auto, torch-fp32"):
         ServingConfig.from_env({"CANDLE_VLM_ENCODER": "onnx-fp8"})
-    with pytest.raises(ValueError, match="CANDLE_VLM_WORKERS=0: at least 1"):
-        ServingConfig.from_env({"CANDLE_VLM_WORKERS": "0"})
+    with pytest.raises(ValueError, match="CANDLE_VLM_WORKERS='-1': must not be negative"):
+        ServingConfig.from_env({"CANDLE_VLM_WORKERS": "-1"})
     # Each worker's encoder gets its share of the cores unless threads are set.
     cores = len(os.sched_getaffinity(0))
     assert ServingConfig(workers=cores).worker_threads == 1 and ServingConfig(threads=3).worker_threads == 3
+    # By default one worker per core (a single process is capped by its GIL), one on CUDA.
+    automatic = ServingConfig.from_env({})
+    assert automatic.server_workers == min(cores, 4) and automatic.worker_threads == max(1, cores // min(cores, 4))
+    assert ServingConfig(device="cuda").server_workers == 1
+    assert ServingConfig.from_env({"CANDLE_VLM_WORKERS": "3"}).server_workers == 3
 
 
 def _record(i, time):
@@ -191,3 +196,27 @@ def test_micro_batcher_merges_waiting_requests_and_survives_a_failing_batch():
     assert int(after[0]) == 4 and calls[-1] == ["fine"]
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(run, max_batch_size=0)
+
+
+def test_micro_batcher_encodes_while_the_caller_works():
+    """After enqueue and one yield the encoder thread runs without the event loop, so the service computes the
+    bar features while the chart is encoded."""
+    import threading
+
+    from vlm_assets.serving.batching import MicroBatcher
+
+    started = threading.Event()
+
+    def run(items):
+        started.set()
+        return np.array([[len(item)] for item in items])
+
+    async def scenario():
+        batcher = MicroBatcher(run)
+        pending = batcher.enqueue("abc")
+        await asyncio.sleep(0)
+        began_before_await = started.wait(timeout=5)  # blocks the loop: only the encoder thread can set it
+        return began_before_await, await pending
+
+    began_before_await, row = asyncio.run(scenario())
+    assert began_before_await and int(row[0]) == 3

@@ -21,13 +21,18 @@ class MicroBatcher:
         self._queue: list[tuple[object, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, item) -> np.ndarray:
-        """The row of `run([... item ...])` for this item."""
+    def enqueue(self, item) -> asyncio.Future:
+        """A future for the row of `run([... item ...])`; the encoder starts on it at the caller's next await, so
+        the caller can do other work meanwhile."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
-        return await future
+        return future
+
+    async def submit(self, item) -> np.ndarray:
+        """The row of `run([... item ...])` for this item."""
+        return await self.enqueue(item)
 
     async def _drain(self) -> None:
         while self._queue:

@@ -31,7 +31,7 @@ class PredictionLog:
         self._file = None
         self._day = None
         self._lock = threading.Lock()  # one writer at a time (group commits and direct appends)
-        self._pending: list[tuple[bytes, asyncio.Future]] = []
+        self._pending: list[tuple[str, bytes, asyncio.Future]] = []
         self._flushing: asyncio.Task | None = None
         self.records = 0
 
@@ -59,7 +59,7 @@ class PredictionLog:
     async def append_async(self, record: dict) -> None:
         """Returns once the record is on disk; concurrent callers share one write and fsync."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((_line(record), future))
+        self._pending.append((_day(record), _line(record), future))
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._drain())
         await future
@@ -68,17 +68,17 @@ class PredictionLog:
         while self._pending:
             batch, self._pending = self._pending, []
             by_day: dict[str, list[bytes]] = {}
-            for line, _ in batch:
-                by_day.setdefault(_day_of_line(line), []).append(line)
+            for day, line, _ in batch:
+                by_day.setdefault(day, []).append(line)
             try:
                 for day, lines in by_day.items():
                     await asyncio.to_thread(self._write, lines, day)
             except Exception as error:  # noqa: BLE001  every waiting request must hear about it
-                for _, future in batch:
+                for *_, future in batch:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_result(None)
 
@@ -91,10 +91,6 @@ class PredictionLog:
 
 def _day(record: dict) -> str:
     return str(record["time"])[:10]
-
-
-def _day_of_line(line: bytes) -> str:
-    return _day(json.loads(line))
 
 
 def _utc(moment: dt.datetime) -> pd.Timestamp:
