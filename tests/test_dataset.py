@@ -83,3 +83,37 @@ def test_bad_sampling_config_is_refused():
         WindowSamplingConfig(timeframes=("2h",))
     with pytest.raises(ValueError, match="fractions"):
         SplitConfig(fractions=(0.5, 0.5, 0.5))
+
+
+def test_a_failed_kaleido_export_is_retried_before_the_raster_fallback(market, windows, monkeypatch):
+    """A timeout on a loaded machine must not change the dataset: the export is retried on the restarted worker;
+    only repeated failures fall back to the raster renderer, and the row says so."""
+    from vlm_assets import rendering
+    from vlm_assets.dataset import KALEIDO_ATTEMPTS, ImageConfig, render_windows
+
+    few = windows.head(2)
+    config = ImageConfig(plotly_share=1.0, composite_share=0.0)
+    real_export = rendering.KaleidoExporter.to_png
+    calls = []
+
+    def every_other_call_fails(self, figure, width, height, **kwargs):
+        calls.append(1)
+        if len(calls) % 2:
+            raise rendering.KaleidoTimeout("simulated timeout")
+        return real_export(self, figure, width, height, **kwargs)
+
+    monkeypatch.setattr(rendering.KaleidoExporter, "to_png", every_other_call_fails)
+    retried = render_windows(few, market.bars, SAMPLING, config)
+    assert list(retried["renderer"]) == ["plotly", "plotly"] and len(calls) == 4
+
+    monkeypatch.setattr(rendering.KaleidoExporter, "to_png", real_export)
+    assert list(render_windows(few, market.bars, SAMPLING, config)["image_sha256"]) == list(retried["image_sha256"])
+
+    def always_fails(self, *args, **kwargs):
+        calls.append(1)
+        raise rendering.KaleidoTimeout("simulated timeout")
+
+    calls.clear()
+    monkeypatch.setattr(rendering.KaleidoExporter, "to_png", always_fails)
+    fallen_back = render_windows(few, market.bars, SAMPLING, config)
+    assert list(fallen_back["renderer"]) == ["raster_fallback"] * 2 and len(calls) == 2 * KALEIDO_ATTEMPTS

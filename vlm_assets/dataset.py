@@ -18,6 +18,9 @@ from vlm_assets.versioning import stable_json, stable_rng
 
 SPLITS = ("train", "val", "test")
 LABEL_COLUMNS = (*ALL_PATTERNS, NEUTRAL)
+# A kaleido export that times out on a loaded machine usually passes on the restarted worker; a raster fallback
+# changes the dataset's bytes, so it is the last resort.
+KALEIDO_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -328,12 +331,17 @@ def render_windows(windows: pd.DataFrame, bars: dict[tuple[str, str], pd.DataFra
             png = None
             if renderer == "plotly":
                 exporter = exporter or KaleidoExporter(timeout=config.kaleido_timeout)
-                try:
-                    png = exporter.to_png(plotly_figure(window, style, htf_bars=drawn_panel), config.width, config.height)
-                except Exception as exc:  # kaleido can hang or die: keep the window, say which renderer drew it
+                figure = plotly_figure(window, style, htf_bars=drawn_panel)
+                for attempt in range(1, KALEIDO_ATTEMPTS + 1):
+                    try:
+                        png = exporter.to_png(figure, config.width, config.height)
+                        break
+                    except Exception as exc:  # kaleido can hang or die; the exporter restarts its worker
+                        if logger is not None:
+                            logger.warning(f"plotly export {attempt}/{KALEIDO_ATTEMPTS} failed for {row['window_id']}: "
+                                           f"{exc}")
+                if png is None:  # keep the window, and say which renderer drew it
                     renderer = "raster_fallback"
-                    if logger is not None:
-                        logger.warning(f"plotly export failed for {row['window_id']}, raster used instead: {exc}")
             if png is None:
                 png = render_png(window, style, config.width, config.height, htf_bars=drawn_panel)
             start, end = span_of(window, drawn_panel, row["timeframe"])
