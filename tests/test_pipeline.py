@@ -14,6 +14,7 @@ from vlm_assets.definitions import DATA_ASSETS, defs
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline.checks import DATA_CHECKS, FUSION_CHECKS, MODEL_CHECKS, SERVING_CHECKS
 from vlm_assets.pipeline.model import MODEL_ASSETS
+from vlm_assets.pipeline.monitoring import MONITORING_CHECK_KEYS
 from vlm_assets.pipeline.trading import TRADING_CHECKS
 from vlm_assets.storage import ArtifactStore
 from bench.common import check_outcomes
@@ -119,14 +120,21 @@ def test_bad_user_file_fails_the_run_with_a_named_row_and_keeps_old_artifacts(fi
 def test_definitions_load_with_jobs_checks_and_resources():
     Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("main_job")
-    assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS + MODEL_ASSETS}
-    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS) + len(TRADING_CHECKS) + len(SERVING_CHECKS)
+    assert {n.name for n in job.graph.node_defs} >= {a.op.name for a in DATA_ASSETS + MODEL_ASSETS} | {"embedding_reference"}
+    assert len(list(defs.resolve_asset_graph().asset_check_keys)) == len(DATA_CHECKS) + len(MODEL_CHECKS) + len(FUSION_CHECKS) + len(TRADING_CHECKS) + len(SERVING_CHECKS) + len(MONITORING_CHECK_KEYS)
+    for name in ("embedding_reference_job", "drift_report_job", "drift_alert_job"):
+        defs.resolve_job_def(name)
+    schedules = {name: defs.resolve_schedule_def(name) for name in ("weekly_drift_report", "drift_alert_schedule")}
+    assert schedules["weekly_drift_report"].cron_schedule == "0 1 * * 1"
+    assert schedules["drift_alert_schedule"].cron_schedule == "0 * * * *"
+    defs.resolve_sensor_def("reference_follows_promoted_model")
 
 
 def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):
     """README command 1's entry point, on a tiny config, with the repository's dagster.yaml."""
     shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
     config = yaml.safe_load(yaml.safe_dump(TINY_FULL_RUN_CONFIG))
+    config["ops"]["embedding_reference"] = {"config": {"per_timeframe": 20}}  # the main job ends with the reference
     config["resources"] = {"market": {"config": TINY_MARKET}, "store": {"config": {"root": str(tmp_path / "artifacts")}}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "CANDLE_VLM_"))}
@@ -137,4 +145,5 @@ def test_cli_runs_the_main_job_into_a_project_instance(tmp_path):
     assert (tmp_path / ".dagster_home" / "runs.db").exists() or any((tmp_path / ".dagster_home").rglob("*.db"))
     assert (tmp_path / "artifacts" / "vlm_dataset" / "CURRENT").exists()
     assert (tmp_path / "artifacts" / "model_evaluation" / "CURRENT").exists()
-    assert (tmp_path / "artifacts" / "promoted_model" / "CURRENT").exists()  # the job ends by promoting
+    assert (tmp_path / "artifacts" / "promoted_model" / "CURRENT").exists()  # the job promotes...
+    assert (tmp_path / "artifacts" / "embedding_reference" / "CURRENT").exists()  # ... and leaves a drift reference
