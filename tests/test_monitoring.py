@@ -76,8 +76,8 @@ def request_time(window: pd.DataFrame, timeframe: str) -> pd.Timestamp:
 
 def synthetic_log(directory, predictor, reference, charts, style=None, latency_scale=1.0, embedding_shift=0.0):
     """Every chart as one request at its `request_time` (even ones with bars, odd ones as a screenshot in `style`),
-    answered by the model as the service answers; latency from the reference's measured serving times (times
-    `latency_scale`). The tiny model embeds every chart almost alike (a few training steps), so a drift of the
+    answered by the model as the service answers; latency like the reference's measured serving times, or with
+    `latency_scale` its P95 times that. The tiny model embeds every chart almost alike (a few training steps), so a drift of the
     embeddings is injected: `embedding_shift` along one seeded direction plus as much seeded spread. The tiny market
     has two symbols, too few to judge the embedding statistics (their noise is estimated from the symbols, with
     g - 1 degrees of freedom), so the requests name CLIENT_SYMBOLS symbols in turn."""
@@ -96,11 +96,19 @@ def synthetic_log(directory, predictor, reference, charts, style=None, latency_s
         moved = embeddings + embedding_shift * (direction / np.linalg.norm(direction)
                                                 + rng.normal(0, 1 / np.sqrt(embeddings.shape[1]), embeddings.shape))
         embeddings = (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
-    latencies = reference.table["latency_ms"].to_numpy()
+    # The reference's measured times, spread evenly over its quantiles (a subset of times measured on a shared,
+    # loaded machine can have another P95); slowed, every request takes `latency_scale` times the reference's P95.
+    # Only requests with bars are timed against the reference.
+    measured = reference.table["latency_ms"].to_numpy()
+    latencies = np.full(len(charts), np.quantile(measured, 0.95) * latency_scale)
+    if latency_scale == 1.0:
+        timed = [i for i, kind in enumerate(kinds) if kind == "bars"]
+        spread = np.quantile(measured, (np.arange(len(timed)) + 0.5) / len(timed))
+        latencies[timed] = np.random.default_rng(1).permutation(spread)
     log = PredictionLog(directory, fsync=False)
     for i, ((_, timeframe, window), kind) in enumerate(zip(charts, kinds)):
         log.append(sim.prediction_record(f"r{i}", request_time(window, timeframe), reference.model,
-                                         embeddings[i], probabilities[i], latencies[i % len(latencies)] * latency_scale,
+                                         embeddings[i], probabilities[i], latencies[i],
                                          f"C{i % CLIENT_SYMBOLS:02d}", timeframe, kind, len(window)))
     log.close()
 
