@@ -38,6 +38,30 @@ def test_bars_parse_to_a_utc_frame_with_optional_volume():
     assert parse_bars(epoch).index[0] == dt.datetime(2026, 1, 5, 14, 30)
 
 
+@pytest.mark.parametrize("suffix, separator, shift_hours", [
+    ("Z", "T", 0), ("+00:00", "T", 0), ("", "T", 0), ("", " ", 0), (".250Z", "T", 0), ("-05:00", "T", 5),
+])
+def test_iso_timestamps_of_every_form_mean_the_same_utc_time(suffix, separator, shift_hours):
+    given = [dict(b, timestamp=f"2026-01-05{separator}{14 + i // 12:02d}:{5 * (i % 12):02d}:00{suffix}")
+             for i, b in enumerate(bars(24))]
+    frame = parse_bars(given)
+    fraction = dt.timedelta(milliseconds=250 if suffix.startswith(".") else 0)
+    assert frame.index[0] == dt.datetime(2026, 1, 5, 14 + shift_hours, 0) + fraction
+    assert frame.index[-1] == dt.datetime(2026, 1, 5, 15 + shift_hours, 55) + fraction
+    assert frame.index.tz is None
+
+
+def test_bar_objects_and_dicts_parse_alike():
+    class Bar:
+        def __init__(self, **fields):
+            self.__dict__.update({"volume": 0.0} | fields)
+
+    given = bars()
+    assert parse_bars([Bar(**b) for b in given]).equals(parse_bars(given))
+    with pytest.raises(RequestError, match="bar 4: high True is not a number"):
+        parse_bars([dict(b, high=True) if i == 3 else b for i, b in enumerate(given)])
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda b: b[4].update(high=b[4]["low"] - 1), "bar 5: .*breaks low <= min"),
     (lambda b: b[2].update(close=float("nan")), "bar 3: 'close' is not finite"),

@@ -19,6 +19,7 @@ from vlm_assets.market.timeframes import TIMEFRAMES
 CHART_SIZE = (224, 224)  # what the renderer draws and the image tower reads
 SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,31}$")
 BAR_FIELDS = ("timestamp", "open", "high", "low", "close", "volume")
+PLAIN_ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?")
 
 
 class RequestError(ValueError):
@@ -73,8 +74,26 @@ def _timestamp_error(values: list) -> RequestError:
     return RequestError("bars: timestamps mix time zones or formats; send them all alike (ISO 8601 or epoch seconds)")
 
 
+def _utc_iso(values: list) -> np.ndarray | None:
+    """The common case at numpy speed (pandas' parser costs ~0.2 ms per 100 bars): every string naive or UTC with
+    one suffix ("Z" or "+00:00"). None when any string needs pandas (other offsets, other formats)."""
+    if not all(type(v) is str for v in values):
+        return None
+    suffix = next((s for s in ("Z", "+00:00") if values[0].endswith(s)), "")
+    bare = [v[:-len(suffix)] for v in values] if suffix else values
+    if (suffix and not all(v.endswith(suffix) for v in values)) or not all(map(PLAIN_ISO.fullmatch, bare)):
+        return None
+    try:
+        return np.array(bare, dtype="datetime64[ns]")
+    except ValueError:  # e.g. month 13: pandas names the bar
+        return None
+
+
 def _timestamps(values: list) -> pd.DatetimeIndex:
     """ISO 8601 strings or epoch seconds, all of one kind, as naive UTC (strings without an offset are UTC)."""
+    fast = _utc_iso(values)
+    if fast is not None:
+        return pd.DatetimeIndex(fast)
     try:
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             stamps = np.asarray(values, dtype=np.float64)
@@ -86,6 +105,43 @@ def _timestamps(values: list) -> pd.DatetimeIndex:
         return pd.DatetimeIndex(pd.to_datetime(values, format="ISO8601", utc=True)).tz_localize(None)
     except (ValueError, TypeError, OverflowError):
         raise _timestamp_error(values) from None
+
+
+def _plain_columns(bars: list) -> dict[str, list] | None:
+    """Columns of well-formed bars (dicts, or objects as BentoML's validated models) in one pass per field; None
+    when any bar lacks a field or holds a value that is not an int or float, so the checked path can say which."""
+    try:
+        if all(type(bar) is dict for bar in bars):
+            columns = {name: [bar[name] for bar in bars] for name in BAR_FIELDS[:5]}
+            columns["volume"] = [bar.get("volume", 0.0) for bar in bars]
+        else:
+            columns = {name: [getattr(bar, name) for bar in bars] for name in BAR_FIELDS}
+    except (KeyError, AttributeError):
+        return None
+    numbers = {float, int}
+    return columns if all(set(map(type, columns[name])) <= numbers for name in BAR_FIELDS[1:]) else None
+
+
+def _checked_columns(bars: list) -> dict[str, list]:
+    for row, bar in enumerate(bars):
+        if isinstance(bar, dict):
+            missing = [f for f in BAR_FIELDS[:5] if f not in bar]
+            if missing:
+                raise RequestError(f"bars: bar {row + 1} is missing {', '.join(missing)}")
+        elif not all(hasattr(bar, f) for f in BAR_FIELDS):
+            raise RequestError(f"bars: bar {row + 1} is not an object")
+    columns = {"timestamp": [_field(bar, "timestamp") for bar in bars]}
+    for name in BAR_FIELDS[1:]:
+        column = [_field(bar, name) for bar in bars]
+        try:
+            if any(isinstance(v, bool) for v in column):
+                raise TypeError
+            np.asarray(column, dtype=np.float64)
+        except (TypeError, ValueError):
+            row = next(i for i, v in enumerate(column) if isinstance(v, bool) or not isinstance(v, (int, float)))
+            raise RequestError(f"bars: bar {row + 1}: {name} {column[row]!r} is not a number") from None
+        columns[name] = column
+    return columns
 
 
 def _field(bar, name: str):
@@ -101,24 +157,11 @@ def parse_bars(bars, limits: Limits = Limits()) -> pd.DataFrame:
     if not limits.min_bars <= len(bars) <= limits.max_bars:
         raise RequestError(f"bars: {len(bars)} bars given; between {limits.min_bars} and {limits.max_bars} are "
                            "accepted", 413 if len(bars) > limits.max_bars else 400)
-    for row, bar in enumerate(bars):
-        if isinstance(bar, dict):
-            missing = [f for f in BAR_FIELDS[:5] if f not in bar]
-            if missing:
-                raise RequestError(f"bars: bar {row + 1} is missing {', '.join(missing)}")
-        elif not all(hasattr(bar, f) for f in BAR_FIELDS):
-            raise RequestError(f"bars: bar {row + 1} is not an object")
-    values = {}
-    for name in BAR_FIELDS[1:]:
-        column = [_field(bar, name) for bar in bars]
-        try:
-            if any(isinstance(v, bool) for v in column):
-                raise TypeError
-            values[name] = np.asarray(column, dtype=np.float64)
-        except (TypeError, ValueError):
-            row = next(i for i, v in enumerate(column) if isinstance(v, bool) or not isinstance(v, (int, float)))
-            raise RequestError(f"bars: bar {row + 1}: {name} {column[row]!r} is not a number") from None
-    index = _timestamps([_field(bar, "timestamp") for bar in bars])
+    columns = _plain_columns(bars)
+    if columns is None:  # something is off: find the first bad bar and say what
+        columns = _checked_columns(bars)
+    index = _timestamps(columns.pop("timestamp"))
+    values = {name: np.asarray(column, dtype=np.float64) for name, column in columns.items()}
     try:
         check_rows(index, values, "bars")
     except MarketDataError as error:
