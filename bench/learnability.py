@@ -23,6 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 from bench.common import machine_info  # noqa: E402
 
 
+def _plain_cnn():
+    """A position-aware CNN of about twice the tower's compute: the same standardized input, two 3x3
+    convolutions per stage down to 7x7x256, flattened into a 256-d embedding (no global pooling, which would
+    forget that patterns live at the right edge)."""
+    import torch
+
+    layers = [torch.nn.InstanceNorm2d(3)]
+    for c_in, c_out, blocks in ((3, 32, 1), (32, 64, 2), (64, 128, 2), (128, 256, 2), (256, 256, 1)):
+        for b in range(blocks):
+            layers += [torch.nn.Conv2d(c_in if b == 0 else c_out, c_out, 3, stride=2 if b == 0 else 1, padding=1,
+                                       bias=False), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
+    layers += [torch.nn.Flatten(), torch.nn.Linear(7 * 7 * 256, 256)]
+    return torch.nn.Sequential(*layers)
+
+
 def build_tower(kind: str):
     from timm.models.vision_transformer import VisionTransformer
 
@@ -30,6 +45,8 @@ def build_tower(kind: str):
 
     if kind == "convstem":
         return chart_vit_s32_convstem()
+    if kind == "cnn":
+        return _plain_cnn()
     return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
                              global_pool="token", pre_norm=True, num_classes=0)
 
@@ -99,7 +116,7 @@ def run(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts"))
-    parser.add_argument("--tower", choices=("convstem", "plain"), default="convstem")
+    parser.add_argument("--tower", choices=("convstem", "plain", "cnn"), default="convstem")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
