@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.serving.config import ServingConfig
+from vlm_assets.serving.prediction_log import logged_embedding
 from vlm_assets.serving.requests import (
     RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bars,
 )
@@ -242,7 +243,7 @@ class CandleVLM:
         answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
         record = {"request_id": request_id, "time": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "endpoint": endpoint, "model_version": self.model_version, "embedding_id": answer["embedding_id"],
-                  "embedding": [round(float(x), 6) for x in embedding], "probabilities": result["probabilities"],
+                  "embedding": logged_embedding(embedding), "probabilities": result["probabilities"],
                   "calibrated": result["calibrated"], "latency_ms": answer["latency_ms"],
                   **{k: v for k, v in extra.items() if k != "embedding"}}
         if "signal" in result:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vlm_assets.serving.config import ServingConfig
-from vlm_assets.serving.prediction_log import PredictionLog, read_predictions
+from vlm_assets.serving.prediction_log import PredictionLog, logged_embedding, read_predictions
 from vlm_assets.serving.requests import (
     Limits, RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bars, pattern_key,
 )
@@ -192,6 +192,15 @@ def test_a_torn_last_line_is_skipped_and_nothing_else_is_lost(tmp_path):
     with pytest.raises(ValueError):
         log.append({"time": now.isoformat(), "bad": float("nan")})  # never writes a line JSON cannot read
     assert np.isclose(read_predictions(tmp_path)["latency_ms"].sum(), 9.0)
+
+
+def test_logged_embeddings_are_plain_floats_to_six_decimals():
+    embedding = np.random.default_rng(3).normal(size=256).astype(np.float32)
+    logged = logged_embedding(embedding)
+    assert all(type(x) is float for x in logged) and len(logged) == 256
+    assert np.abs(np.array(logged) - embedding).max() <= 5e-7 + 1e-9  # rounded, not truncated
+    assert all(abs(x * 1e6 - round(x * 1e6)) < 1e-6 for x in logged)  # six decimals
+    assert json.loads(json.dumps(logged)) == logged
 
 
 def test_micro_batcher_merges_waiting_requests_and_survives_a_failing_batch():

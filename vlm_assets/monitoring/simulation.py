@@ -227,11 +227,12 @@ def prediction_record(request_id: str, time: pd.Timestamp, model_version: str, e
                       probabilities: np.ndarray, latency_ms: float, symbol: str, timeframe: str, kind: str,
                       bars: int) -> dict:
     """A /predict/patterns answer of the trained patterns as the service logs it (bento/service.py)."""
+    from vlm_assets.serving.prediction_log import logged_embedding
     from vlm_assets.serving.predictor import embedding_id
 
     return {"request_id": request_id, "time": time.isoformat(), "endpoint": "predict_patterns",
             "model_version": model_version, "embedding_id": embedding_id(embedding),
-            "embedding": [round(float(x), 6) for x in embedding],
+            "embedding": logged_embedding(embedding),
             "probabilities": dict(zip(CORE_PATTERNS, map(float, probabilities))),
             "calibrated": dict.fromkeys(CORE_PATTERNS, True), "latency_ms": round(float(latency_ms), 3),
             "symbol": symbol, "timeframe": timeframe, "input": kind, "bars_used": bars if kind == "bars" else None}
