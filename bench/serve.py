@@ -1,11 +1,15 @@
 """HTTP benchmark of the inference service on loopback: latency and throughput of /predict/patterns.
 
-    python bench/serve.py [--sequential 500] [--concurrency 1,4,16,32] [--requests 2000] [--bars 100] [--json out.json]
+    python bench/serve.py [--sequential 500] [--concurrency 1,4,16,32] [--requests 2000] [--bars 100]
+                          [--bad-rounds 20] [--json out.json]
 
 Starts `bentoml serve bento.service:CandleVLM` (the promoted model: `candle_vlm:latest` in $BENTOML_HOME, or
 CANDLE_VLM_MODEL) on a free port, warms it up, then measures (1) sequential requests with 100 bars: median, P95,
 P99 latency as the client sees it; (2) requests per second at each concurrency level; and reports the batch sizes
-the server's adaptive batcher formed in each phase (from its /metrics). The server runs with the CANDLE_VLM_*
+the server's adaptive batcher formed in each phase (from its /metrics); (3) the bad-input set
+(`bench.common.bad_requests`: every refusal the service promises) --bad-rounds times, mixed with as many good
+requests, 16 at a time: every answer's status, any case answered otherwise than promised, 5xx answers, and worker
+restarts (the server's worker processes before and after). The server runs with the CANDLE_VLM_*
 settings of the environment (e.g. CANDLE_VLM_WORKERS, CANDLE_VLM_ENCODER). The client (aiohttp) runs on the same
 machine and shares its cores with the server, as it would for a co-located caller.
 """
@@ -26,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
 
-from bench.common import Server, machine_info, synthetic_bars  # noqa: E402
+from bench.common import Server, bad_requests, machine_info, synthetic_bars  # noqa: E402
 
 
 def batch_histogram(metrics: str) -> dict:
@@ -117,6 +121,50 @@ async def measure(url: str, payload: dict, sequential: int, concurrencies: list[
     }
 
 
+def worker_pids(server_pid: int) -> list[int]:
+    import psutil
+
+    return sorted(p.pid for p in psutil.Process(server_pid).children(recursive=True))
+
+
+async def bad_input_phase(url: str, payload: dict, rounds: int, concurrency: int, server_pid: int) -> dict:
+    """The whole bad-input set `rounds` times over, mixed with as many good requests, `concurrency` at a time: the
+    status of every answer, the cases answered otherwise than promised, and whether any worker process restarted."""
+    import aiohttp
+
+    cases = bad_requests(payload["bars"])
+    good = json.dumps(payload).encode()
+    jobs = [case for _ in range(rounds) for case in cases]
+    jobs = [job for pair in zip(jobs, [None] * len(jobs)) for job in pair]  # None: a good request
+    statuses: dict[str, int] = {}
+    wrong: dict[str, str] = {}
+    before = worker_pids(server_pid)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        queue = iter(jobs)
+
+        async def worker():
+            for case in queue:
+                path, body = ("/predict/patterns", good) if case is None else (case.path, case.body)
+                method = session.get(url + path) if body is None else session.post(
+                    url + path, data=body, headers={"Content-Type": "application/json"})
+                async with method as response:
+                    text = await response.text()
+                    statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+                    expected = 200 if case is None else case.status
+                    if response.status != expected or (case is not None and case.message not in text):
+                        wrong[case.name if case else "good request"] = f"HTTP {response.status}: {text[:200]}"
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        async with session.get(url + "/readyz") as response:
+            ready = response.status == 200
+    after = worker_pids(server_pid)
+    return {"cases": len(cases), "rounds": rounds, "requests": len(jobs), "concurrency": concurrency,
+            "statuses": dict(sorted(statuses.items())),
+            "server_errors": sum(n for status, n in statuses.items() if int(status) >= 500),
+            "not_as_promised": wrong, "worker_pids_before": before, "worker_pids_after": after,
+            "worker_restarts": len(set(after) - set(before)), "ready_after": ready}
+
+
 def table(report: dict) -> str:
     seq = report["sequential"]
     rows = [("encoder backend / workers / threads", f"{report['encoder']} / {report['workers']} / {report['threads']}"),
@@ -130,6 +178,12 @@ def table(report: dict) -> str:
                   f"{level['server_cpu_ms_per_request']:.1f} / {level['client_cpu_ms_per_request']:.1f}"),
                  ("    encoder batches: mean size; per size bucket",
                   f"{level['batches']['mean_batch_size']:.2f}; {by_size}")]
+    bad = report.get("bad_inputs")
+    if bad:
+        rows += [(f"bad inputs: {bad['cases']} cases x {bad['rounds']} + as many good, concurrency {bad['concurrency']}",
+                  ", ".join(f"HTTP {s}: {n}" for s, n in bad["statuses"].items())),
+                 ("    5xx answers / not as promised / worker restarts",
+                  f"{bad['server_errors']} / {len(bad['not_as_promised'])} / {bad['worker_restarts']}")]
     rows.append(("predictions logged", str(report["logged_predictions"])))
     return "\n".join(f"{name:48s} {value}" for name, value in rows)
 
@@ -140,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     parser.add_argument("--bars", type=int, default=100)
+    parser.add_argument("--bad-rounds", type=int, default=20,
+                        help="times the bad-input set is sent, mixed with good requests (0: skip)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
 
@@ -153,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
             report = asyncio.run(measure(server.url, payload, args.sequential,
                                          [int(c) for c in args.concurrency.split(",")], args.requests,
                                          server.process.pid))
+            if args.bad_rounds:
+                report["bad_inputs"] = asyncio.run(bad_input_phase(server.url, payload, args.bad_rounds, 16,
+                                                                   server.process.pid))
             encoder = re.search(r'candle_vlm_model_info\{[^}]*encoder="([^"]+)"',
                                 urllib.request.urlopen(f"{server.url}/metrics").read().decode())
         logged = sum(1 for p in (Path(scratch) / "predictions").rglob("*.jsonl") for _ in p.open("rb"))

@@ -2,10 +2,8 @@
 `bentoml serve` on a loopback port exercised over HTTP (tiny pipeline; the test session has its own BENTOML_HOME)."""
 
 import asyncio
-import base64
 import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -19,7 +17,7 @@ import pytest
 from dagster import materialize
 from PIL import Image
 
-from bench.common import Server, check_outcomes, synthetic_bars
+from bench.common import Server, bad_requests, check_outcomes, png_base64, synthetic_bars
 from vlm_assets import promotion
 from vlm_assets.cli import main as cli
 from vlm_assets.labeling import CORE_PATTERNS
@@ -51,12 +49,6 @@ def promoted(model_run):
     root, _ = model_run
     metadata = promote(root)
     return root, metadata
-
-
-def png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promoted):
@@ -214,8 +206,15 @@ def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
     assert logged["signal"].iloc[0] == {k: signal[k] for k in ("direction", "confidence", "gated")}
 
 
+def _worker_pids(server) -> list[int]:
+    import psutil
+
+    return sorted(p.pid for p in psutil.Process(server.process.pid).children(recursive=True))
+
+
 def _call(url, path, body=None, timeout=60):
-    data = None if body is None else json.dumps(body).encode()
+    """`body`: a dict sent as JSON, raw bytes sent as they are, or None for a GET."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -269,30 +268,10 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
         status, batch = _call(url, "/embed_charts", {"charts": [{"bars": bars}, {"image_base64": png_base64(chart)}]})
         assert status == 200 and np.asarray(batch).shape == (2, 256)
 
-        broken = [dict(b) for b in bars]
-        broken[9]["low"] = broken[9]["high"] + 1
-        bomb = Image.new("1", (20_000, 20_000))
-        cases = [
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": broken}, 400, "bar 10:"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "2m", "bars": bars}, 400, "timeframe '2m' is unknown"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": bars[:5]}, 400, "5 bars given"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "image_base64": "%%%"}, 400, "not valid base64"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m",
-                                   "image_base64": base64.b64encode(b"GIF89a but not really").decode()}, 400,
-             "not a readable image"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "image_base64": png_base64(bomb)}, 413,
-             "more pixels than the"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": bars, "patterns": ["x"] * 40}, 413,
-             "at most 32"),
-            ("/query/zero_shot", {"image_base64": png_base64(chart), "prompts": ["a" * 300]}, 413, "at most 200"),
-            ("/query/zero_shot", {"image_base64": png_base64(chart), "prompts": ["a doji", "a doji"]}, 400,
-             "repeats prompts[0]"),
-            ("/embeddings?symbol=AAA&timeframe=5m&lookback=5000", None, 400, "lookback 5000"),
-            ("/predict/patterns", {"symbol": "ACME", "timeframe": "5m", "bars": [{"open": "x"}]}, 400, "validation error"),
-        ]
-        for path, body, expected, message in cases:
-            status, reply = _call(url, path, body)
-            assert status == expected and message in _error_text(reply), (path, status, reply)
+        workers = _worker_pids(server)
+        for case in bad_requests(bars):  # every refusal the service promises, each with its status and message
+            status, reply = _call(url, case.path, case.body)
+            assert status == case.status and case.message in _error_text(reply), (case.name, status, reply)
 
         # Concurrent requests share encoder batches; every answer is logged before it is sent.
         def one(i):
@@ -308,7 +287,7 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
         assert sizes["candle_vlm_encode_batch_size_sum"] > sizes["candle_vlm_encode_batch_size_count"]  # batches > 1
         assert "candle_vlm_predictions_total" in metrics and "bentoml_service_request_duration_seconds" in metrics
         assert 'candle_vlm_rejected_requests_total{endpoint="predict_patterns",status="413"}' in metrics
-        assert _call(url, "/readyz")[0] == 200  # nothing above took the worker down
+        assert _call(url, "/readyz")[0] == 200 and _worker_pids(server) == workers  # no worker was taken down
     logged = read_predictions(log_dir)
     assert sorted(logged["request_id"]) == sorted(answered)
     assert {"embedding", "probabilities", "latency_ms", "model_version", "embedding_id"} <= set(logged.columns)
