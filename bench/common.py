@@ -118,6 +118,13 @@ class Server:
             self._log.close()
 
 
+def worker_pids(server_pid: int) -> list[int]:
+    """The processes under a server's (its workers): a restarted worker comes back under a new pid."""
+    import psutil
+
+    return sorted(p.pid for p in psutil.Process(server_pid).children(recursive=True))
+
+
 def synthetic_bars(n: int = 100, seed: int = 0) -> list[dict]:
     """A seeded random walk of n 5-minute bars as /predict/patterns takes them."""
     import datetime as dt

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
 
-from bench.common import Server, bad_requests, machine_info, synthetic_bars  # noqa: E402
+from bench.common import Server, bad_requests, machine_info, synthetic_bars, worker_pids  # noqa: E402
 
 
 def batch_histogram(metrics: str) -> dict:
@@ -119,12 +119,6 @@ async def measure(url: str, payload: dict, sequential: int, concurrencies: list[
                        "mean_ms": float(latencies.mean()), "batches": sequential_batches},
         "concurrent": levels,
     }
-
-
-def worker_pids(server_pid: int) -> list[int]:
-    import psutil
-
-    return sorted(p.pid for p in psutil.Process(server_pid).children(recursive=True))
 
 
 async def bad_input_phase(url: str, payload: dict, rounds: int, concurrency: int, server_pid: int) -> dict:

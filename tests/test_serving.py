@@ -17,7 +17,7 @@ import pytest
 from dagster import materialize
 from PIL import Image
 
-from bench.common import Server, bad_requests, check_outcomes, png_base64, synthetic_bars
+from bench.common import Server, bad_requests, check_outcomes, png_base64, synthetic_bars, worker_pids
 from vlm_assets import promotion
 from vlm_assets.cli import main as cli
 from vlm_assets.labeling import CORE_PATTERNS
@@ -206,12 +206,6 @@ def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
     assert logged["signal"].iloc[0] == {k: signal[k] for k in ("direction", "confidence", "gated")}
 
 
-def _worker_pids(server) -> list[int]:
-    import psutil
-
-    return sorted(p.pid for p in psutil.Process(server.process.pid).children(recursive=True))
-
-
 def _call(url, path, body=None, timeout=60):
     """`body`: a dict sent as JSON, raw bytes sent as they are, or None for a GET."""
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
@@ -268,7 +262,7 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
         status, batch = _call(url, "/embed_charts", {"charts": [{"bars": bars}, {"image_base64": png_base64(chart)}]})
         assert status == 200 and np.asarray(batch).shape == (2, 256)
 
-        workers = _worker_pids(server)
+        workers = worker_pids(server.process.pid)
         for case in bad_requests(bars):  # every refusal the service promises, each with its status and message
             status, reply = _call(url, case.path, case.body)
             assert status == case.status and case.message in _error_text(reply), (case.name, status, reply)
@@ -287,7 +281,8 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
         assert sizes["candle_vlm_encode_batch_size_sum"] > sizes["candle_vlm_encode_batch_size_count"]  # batches > 1
         assert "candle_vlm_predictions_total" in metrics and "bentoml_service_request_duration_seconds" in metrics
         assert 'candle_vlm_rejected_requests_total{endpoint="predict_patterns",status="413"}' in metrics
-        assert _call(url, "/readyz")[0] == 200 and _worker_pids(server) == workers  # no worker was taken down
+        # Nothing above took a worker down: the same processes still serve.
+        assert _call(url, "/readyz")[0] == 200 and worker_pids(server.process.pid) == workers
     logged = read_predictions(log_dir)
     assert sorted(logged["request_id"]) == sorted(answered)
     assert {"embedding", "probabilities", "latency_ms", "model_version", "embedding_id"} <= set(logged.columns)
