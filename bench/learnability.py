@@ -38,40 +38,37 @@ def _plain_cnn():
     return torch.nn.Sequential(*layers)
 
 
-class _ColumnTower:
+def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
     """Columns as tokens: a conv stem that halves the height four times but the width only twice, each of the 56
     column strips (full chart height, 4 px wide) flattened into one token, and a 1-D transformer across the columns
     (class-token readout), so attention compares whole candles side by side."""
+    import torch
 
-    @staticmethod
-    def build(width: int = 192, depth: int = 4, heads: int = 4):
-        import torch
+    class ColumnTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [torch.nn.InstanceNorm2d(3)]
+            for c_in, c_out, stride in ((3, 16, (2, 2)), (16, 32, (2, 1)), (32, 64, (2, 2)), (64, 64, (2, 1))):
+                layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                           torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
+            self.stem = torch.nn.Sequential(*layers)  # (n, 64, 14, 56)
+            self.token = torch.nn.Linear(64 * 14, width)
+            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
+            self.position = torch.nn.Parameter(torch.randn(1, 57, width) * 0.02)
+            block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                                     batch_first=True, norm_first=True)
+            self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+            self.norm = torch.nn.LayerNorm(width)
+            self.head = torch.nn.Linear(width, 256)
 
-        class Tower(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                layers = [torch.nn.InstanceNorm2d(3)]
-                for c_in, c_out, stride in ((3, 16, (2, 2)), (16, 32, (2, 1)), (32, 64, (2, 2)), (64, 64, (2, 1))):
-                    layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                               torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
-                self.stem = torch.nn.Sequential(*layers)  # (n, 64, 14, 56)
-                self.token = torch.nn.Linear(64 * 14, width)
-                self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
-                self.position = torch.nn.Parameter(torch.randn(1, 57, width) * 0.02)
-                block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                         batch_first=True, norm_first=True)
-                self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
-                self.norm = torch.nn.LayerNorm(width)
-                self.head = torch.nn.Linear(width, 256)
+        def forward(self, pixels):
+            x = self.stem(pixels)
+            n, c, h, w = x.shape
+            x = self.token(x.permute(0, 3, 1, 2).reshape(n, w, c * h))
+            x = torch.cat([self.cls.expand(n, -1, -1), x], dim=1) + self.position
+            return self.head(self.norm(self.blocks(x))[:, 0])
 
-            def forward(self, pixels):
-                x = self.stem(pixels)
-                n, c, h, w = x.shape
-                x = self.token(x.permute(0, 3, 1, 2).reshape(n, w, c * h))
-                x = torch.cat([self.cls.expand(n, -1, -1), x], dim=1) + self.position
-                return self.head(self.norm(self.blocks(x))[:, 0])
-
-        return Tower()
+    return ColumnTower()
 
 
 def build_tower(kind: str):
@@ -84,7 +81,7 @@ def build_tower(kind: str):
     if kind == "cnn":
         return _plain_cnn()
     if kind == "columns":
-        return _ColumnTower.build()
+        return _column_tower()
     return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
                              global_pool="token", pre_norm=True, num_classes=0)
 

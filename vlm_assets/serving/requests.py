@@ -123,6 +123,7 @@ def _plain_columns(bars: list) -> dict[str, list] | None:
 
 
 def _checked_columns(bars: list) -> dict[str, list]:
+    """The same columns for any bars, numbers as float64 arrays; raises RequestError naming the first bad bar."""
     for row, bar in enumerate(bars):
         if isinstance(bar, dict):
             missing = [f for f in BAR_FIELDS[:5] if f not in bar]
@@ -136,11 +137,10 @@ def _checked_columns(bars: list) -> dict[str, list]:
         try:
             if any(isinstance(v, bool) for v in column):
                 raise TypeError
-            np.asarray(column, dtype=np.float64)
+            columns[name] = np.asarray(column, dtype=np.float64)
         except (TypeError, ValueError):
             row = next(i for i, v in enumerate(column) if isinstance(v, bool) or not isinstance(v, (int, float)))
             raise RequestError(f"bars: bar {row + 1}: {name} {column[row]!r} is not a number") from None
-        columns[name] = column
     return columns
 
 
