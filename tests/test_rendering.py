@@ -24,6 +24,7 @@ from vlm_assets.rendering import (
     ChartStyle,
     KaleidoExporter,
     KaleidoTimeout,
+    OhlcvArrays,
     encode_png,
     figure_png,
     moving_average,
@@ -319,7 +320,12 @@ def broken(change):
         (broken(lambda b: b.iloc.__setitem__((7, 2), b.iloc[7, [0, 3]].min() * 1.001)), r"row 7 .*low > min\(open, close\)"),
         (broken(lambda b: b.iloc.__setitem__((8, 1), b.iloc[8, [0, 3]].max() * 0.999)), r"row 8 .*high < max\(open, close\)"),
         (random_bars(5).assign(open="x"), "non-numeric"),
-        ([[1, 2, 0.5, 1.5, 10]], "must be a pandas DataFrame"),
+        ([[1, 2, 0.5, 1.5, 10]], "must be a pandas DataFrame or OhlcvArrays"),
+        # the same rules on columns already taken out of a frame (the service's parsed bars)
+        (OhlcvArrays(*np.ones((5, 0))), "bars is empty"),
+        (OhlcvArrays(*np.ones((5, 4)))._replace(volume=np.ones(3)), "1-D and of one length"),
+        (OhlcvArrays(*broken(lambda b: b.iloc.__setitem__((3, 3), np.nan)).to_numpy().T), "row 3: non-finite close"),
+        (OhlcvArrays(*random_bars(5).to_numpy().T)._replace(open=["x"] * 5), "non-numeric"),
     ],
 )
 def test_bad_bars_raise_a_clear_error(bars, message):

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlm_assets.rendering.raster import validate_bars
+from vlm_assets.rendering.raster import OhlcvArrays, validate_bars
 
 AVG_PERIOD = 10  # bars averaged for the range unit, as in the rule engine
 TREND_LOOKBACKS = (5, 10, 20)
@@ -30,10 +30,10 @@ FEATURE_NAMES: tuple[str, ...] = tuple(
 ) + ("volatility", "avg_range_price", "volume_z", "volume_z3")
 
 
-def window_features(bars: pd.DataFrame) -> np.ndarray:
-    """Feature vector (len(FEATURE_NAMES),) of a window's last bar. Raises ValueError naming a bad row."""
-    validate_bars(bars)
-    o, h, l, c, v = (bars[k].to_numpy(dtype=float) for k in ("open", "high", "low", "close", "volume"))
+def window_features(bars: pd.DataFrame | OhlcvArrays) -> np.ndarray:
+    """Feature vector (len(FEATURE_NAMES),) of a window's last bar (a frame or its OhlcvArrays). Raises ValueError
+    naming a bad row."""
+    o, h, l, c, v = validate_bars(bars)  # the checked columns: five frame lookups cost as much as all the maths
     n = len(c)
     history = h[max(0, n - 1 - AVG_PERIOD): n - 1] - l[max(0, n - 1 - AVG_PERIOD): n - 1]
     unit = float(history.mean()) if history.size else float(h[-1] - l[-1])

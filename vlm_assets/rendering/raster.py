@@ -43,7 +43,9 @@ _PNG_ZLIB_LEVEL = 6  # with the RLE strategy the level barely changes size or sp
 _FONT = ImageFont.load_default_imagefont()  # bitmap font: identical glyphs on every machine
 
 
-class _Bars(NamedTuple):
+class OhlcvArrays(NamedTuple):
+    """A window's checked OHLCV columns as float64 arrays, oldest first."""
+
     open: np.ndarray
     high: np.ndarray
     low: np.ndarray
@@ -74,26 +76,40 @@ class _Ticks(NamedTuple):
     labels: list[str]
 
 
-def validate_bars(bars: pd.DataFrame) -> None:
-    """Raise ValueError naming the first offending row and rule; return None for a drawable window."""
-    _ohlcv(bars, "bars")
+def validate_bars(bars: pd.DataFrame | OhlcvArrays) -> OhlcvArrays:
+    """The columns of a drawable window (a frame with OHLCV columns, or the columns themselves); raises ValueError
+    naming the first offending row and rule."""
+    return _ohlcv(bars, "bars")
 
 
-def _ohlcv(bars: pd.DataFrame, name: str) -> _Bars:
-    if not isinstance(bars, pd.DataFrame):
-        raise ValueError(f"{name} must be a pandas DataFrame, got {type(bars).__name__}")
-    missing = [column for column in OHLCV_COLUMNS if column not in bars.columns]
-    if missing:
-        raise ValueError(f"{name} is missing column(s) {missing}; expected {list(OHLCV_COLUMNS)}")
-    if len(bars) == 0:
-        raise ValueError(f"{name} is empty")
-    try:
-        if tuple(bars.columns) == OHLCV_COLUMNS:  # one block read instead of five slow column lookups
-            data = _Bars(*bars.to_numpy(dtype=np.float64).T)
-        else:
-            data = _Bars(*(bars[column].to_numpy(dtype=np.float64) for column in OHLCV_COLUMNS))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} has a non-numeric OHLCV column: {error}") from None
+def _ohlcv(bars: pd.DataFrame | OhlcvArrays, name: str) -> OhlcvArrays:
+    if isinstance(bars, OhlcvArrays):  # already columns (the service's parsed bars): no frame to read
+        try:
+            data = OhlcvArrays(*(np.asarray(column, dtype=np.float64) for column in bars))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} has a non-numeric OHLCV column: {error}") from None
+        if data.close.ndim != 1 or any(column.shape != data.close.shape for column in data):
+            raise ValueError(f"{name}: the OHLCV columns must be 1-D and of one length, got "
+                             f"{[column.shape for column in data]}")
+        if data.close.size == 0:
+            raise ValueError(f"{name} is empty")
+        where = str
+    elif isinstance(bars, pd.DataFrame):
+        missing = [column for column in OHLCV_COLUMNS if column not in bars.columns]
+        if missing:
+            raise ValueError(f"{name} is missing column(s) {missing}; expected {list(OHLCV_COLUMNS)}")
+        if len(bars) == 0:
+            raise ValueError(f"{name} is empty")
+        try:
+            if tuple(bars.columns) == OHLCV_COLUMNS:  # one block read instead of five slow column lookups
+                data = OhlcvArrays(*bars.to_numpy(dtype=np.float64).T)
+            else:
+                data = OhlcvArrays(*(bars[column].to_numpy(dtype=np.float64) for column in OHLCV_COLUMNS))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} has a non-numeric OHLCV column: {error}") from None
+        where = lambda row: f"{row} (index {bars.index[row]!r})"  # noqa: E731
+    else:
+        raise ValueError(f"{name} must be a pandas DataFrame or OhlcvArrays, got {type(bars).__name__}")
 
     lows_ok = data.low <= np.minimum(data.open, data.close)
     highs_ok = data.high >= np.maximum(data.open, data.close)
@@ -106,7 +122,7 @@ def _ohlcv(bars: pd.DataFrame, name: str) -> _Bars:
         if mask.any():
             row = int(np.argmax(mask))
             values = ", ".join(f"{c}={getattr(data, c)[row]!r}" for c in OHLCV_COLUMNS)
-            raise ValueError(f"{name} row {row} (index {bars.index[row]!r}): {rule} [{values}]")
+            raise ValueError(f"{name} row {where(row)}: {rule} [{values}]")
 
     for column, values in zip(OHLCV_COLUMNS, data):
         fail(~np.isfinite(values), f"non-finite {column}")
@@ -139,7 +155,7 @@ def moving_average(values: np.ndarray, kind: str, period: int) -> np.ndarray:
     return result
 
 
-def _price_axis(data: _Bars, focus_bars: int, style: ChartStyle) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _price_axis(data: OhlcvArrays, focus_bars: int, style: ChartStyle) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Knots (prices, heights) of the price axis: the whole window always fits, nothing is clipped.
 
     The focus candles' high-low range gets ``style.focus_min_span`` of the panel height (at most
@@ -205,7 +221,7 @@ def _blend(color: RGB, background: RGB, alpha: float) -> RGB:
     return tuple(int(round(alpha * c + (1 - alpha) * b)) for c, b in zip(color, background))
 
 
-def _draw_candles(draw: ImageDraw.ImageDraw, panel: _Panel, data: _Bars, columns: tuple[np.ndarray, ...], style: ChartStyle) -> None:
+def _draw_candles(draw: ImageDraw.ImageDraw, panel: _Panel, data: OhlcvArrays, columns: tuple[np.ndarray, ...], style: ChartStyle) -> None:
     body_left, body_right, wick_left, wick_right = columns
     high_row, low_row = panel.rows(data.high), panel.rows(data.low)
     top_row = panel.rows(np.maximum(data.open, data.close))
@@ -230,7 +246,7 @@ def _draw_candles(draw: ImageDraw.ImageDraw, panel: _Panel, data: _Bars, columns
             draw.rectangle(body_box, fill=body, outline=style.body_border)
 
 
-def _draw_overlays(draw: ImageDraw.ImageDraw, panel: _Panel, data: _Bars, centres: np.ndarray, style: ChartStyle) -> None:
+def _draw_overlays(draw: ImageDraw.ImageDraw, panel: _Panel, data: OhlcvArrays, centres: np.ndarray, style: ChartStyle) -> None:
     x = np.floor(centres + 0.5).astype(np.int64)
     for i, (kind, period) in enumerate(style.overlays):
         values = moving_average(data.close, kind, period)
@@ -240,7 +256,7 @@ def _draw_overlays(draw: ImageDraw.ImageDraw, panel: _Panel, data: _Bars, centre
             draw.line(points, fill=style.overlay_colors[i % len(style.overlay_colors)], width=style.overlay_width)
 
 
-def _draw_volume(draw: ImageDraw.ImageDraw, top: int, bottom: int, data: _Bars, columns: tuple[np.ndarray, ...], style: ChartStyle) -> None:
+def _draw_volume(draw: ImageDraw.ImageDraw, top: int, bottom: int, data: OhlcvArrays, columns: tuple[np.ndarray, ...], style: ChartStyle) -> None:
     peak = float(data.volume.max())
     if peak <= 0:
         return
@@ -277,13 +293,13 @@ def _draw_labels(draw: ImageDraw.ImageDraw, panel: _Panel, ticks: _Ticks, style:
 
 
 def render_chart(
-    bars: pd.DataFrame,
+    bars: pd.DataFrame | OhlcvArrays,
     style: ChartStyle = DEFAULT_STYLE,
     width: int = 224,
     height: int = 224,
     htf_bars: pd.DataFrame | None = None,
 ) -> Image.Image:
-    """Render an OHLCV window (oldest first, index ignored) to an RGB image.
+    """Render an OHLCV window (oldest first, index ignored; a frame or its OhlcvArrays) to an RGB image.
 
     With ``htf_bars`` the bottom ``style.htf_height`` of the image shows the higher-timeframe bars with
     their own uniform layout and linear price axis. Raises ValueError for invalid bars or a size that
