@@ -14,7 +14,8 @@ from PIL import Image
 from vlm_assets.serving.config import ServingConfig
 from vlm_assets.serving.prediction_log import PredictionLog, logged_embedding, read_predictions
 from vlm_assets.serving.requests import (
-    Limits, RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bars, pattern_key,
+    Limits, RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bar_arrays, parse_bars,
+    pattern_key,
 )
 
 
@@ -72,6 +73,7 @@ def test_bar_objects_and_dicts_parse_alike():
     (lambda b: b[0].update(timestamp="yesterday"), "bar 1: timestamp 'yesterday' is not an ISO 8601 time"),
     (lambda b: b[0].update(timestamp=5), "bar 2: timestamp .* must be an ISO 8601 string or epoch seconds"),
     (lambda b: b[11].update(volume=-1), "bar 12: negative volume"),
+    (lambda b: b[3].update(high=10 ** 400), "bar 4: high is an integer beyond the float range"),
 ])
 def test_bad_bars_name_the_bar_and_the_rule(mutate, message):
     given = bars()
@@ -253,3 +255,16 @@ def test_micro_batcher_encodes_while_the_caller_works():
 
     began_before_await, row = asyncio.run(scenario())
     assert began_before_await and int(row[0]) == 3
+
+
+def test_the_service_path_draws_and_computes_features_as_the_frame_does():
+    """parse_bar_arrays feeds the renderer and the features without a frame: the same chart and the same features."""
+    from vlm_assets.features import window_features
+    from vlm_assets.rendering import render_chart
+
+    given = bars(60)
+    frame = parse_bars(given)
+    index, columns = parse_bar_arrays(given)
+    assert index.equals(frame.index) and all(np.array_equal(c, frame[n]) for n, c in columns._asdict().items())
+    assert render_chart(columns).tobytes() == render_chart(frame).tobytes()
+    assert np.array_equal(window_features(columns), window_features(frame), equal_nan=True)

@@ -140,9 +140,9 @@ def bars_payload(window: pd.DataFrame) -> list[dict]:
 def serve_bars(predictor, bars: list[dict]) -> tuple[np.ndarray, dict, object]:
     """The service's /predict/patterns path for a request with bars (validation, chart, encoder, features, fusion):
     (embedding, answer, chart image)."""
-    from vlm_assets.serving.requests import parse_bars
+    from vlm_assets.serving.requests import parse_bar_arrays
 
-    window = predictor.window(parse_bars(bars))
+    window = predictor.window(parse_bar_arrays(bars)[1])
     image = predictor.render(window)
     embedding = predictor.encode([image])[0]
     features = predictor.features([window])[0]

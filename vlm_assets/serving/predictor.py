@@ -32,6 +32,7 @@ from vlm_assets import fusion
 from vlm_assets.calibration import Calibrator
 from vlm_assets.features import FEATURE_NAMES, FeatureModel, window_features
 from vlm_assets.labeling import CORE_PATTERNS, NEUTRAL
+from vlm_assets.rendering import STYLE_VERSION, ChartStyle, OhlcvArrays, render_chart, validate_bars
 from vlm_assets.serving import encoders
 from vlm_assets.serving.requests import CHART_SIZE, pattern_key
 
@@ -66,7 +67,6 @@ class Predictor:
         from vlm_assets.baselines import from_bytes
         from vlm_assets.model import load_checkpoint
         from vlm_assets.prompts import load_prompt_library
-        from vlm_assets.rendering import STYLE_VERSION, ChartStyle
         from vlm_assets.zero_shot import PromptEmbeddings
 
         self.directory = Path(directory)
@@ -114,16 +114,14 @@ class Predictor:
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
-    def window(self, bars: pd.DataFrame) -> pd.DataFrame:
-        """The bars a chart shows: the last `render_bars` (training windows are 50-120 bars)."""
-        return bars.iloc[-self.render_bars:]
+    def window(self, bars: pd.DataFrame | OhlcvArrays) -> OhlcvArrays:
+        """The bars a chart shows, as checked columns: the last `render_bars` (training windows are 50-120 bars)."""
+        return OhlcvArrays(*(column[-self.render_bars:] for column in validate_bars(bars)))
 
-    def render(self, window: pd.DataFrame):
-        from vlm_assets.rendering import render_chart
-
+    def render(self, window: pd.DataFrame | OhlcvArrays):
         return render_chart(window, self.style)
 
-    def features(self, windows: list[pd.DataFrame]) -> np.ndarray:
+    def features(self, windows: list[pd.DataFrame | OhlcvArrays]) -> np.ndarray:
         return np.vstack([window_features(w) for w in windows]) if windows else np.zeros((0, len(FEATURE_NAMES)))
 
     @staticmethod

@@ -8,6 +8,7 @@ import base64
 import binascii
 import io
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,11 +16,14 @@ import pandas as pd
 
 from vlm_assets.market.io import MarketDataError, check_rows
 from vlm_assets.market.timeframes import TIMEFRAMES
+from vlm_assets.rendering.raster import OhlcvArrays
 
 CHART_SIZE = (224, 224)  # what the renderer draws and the image tower reads
 SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,31}$")
 BAR_FIELDS = ("timestamp", "open", "high", "low", "close", "volume")
 PLAIN_ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?")
+PRICE_COLUMNS = pd.Index(BAR_FIELDS[1:])  # built once: a frame's columns from a list cost more than its data
+PLAIN_ISO_LINES = re.compile(rf"(?:{PLAIN_ISO.pattern}\n)*{PLAIN_ISO.pattern}")  # one match for every timestamp
 
 
 class RequestError(ValueError):
@@ -81,7 +85,7 @@ def _utc_iso(values: list) -> np.ndarray | None:
         return None
     suffix = next((s for s in ("Z", "+00:00") if values[0].endswith(s)), "")
     bare = [v[:-len(suffix)] for v in values] if suffix else values
-    if (suffix and not all(v.endswith(suffix) for v in values)) or not all(map(PLAIN_ISO.fullmatch, bare)):
+    if (suffix and not all(v.endswith(suffix) for v in values)) or not PLAIN_ISO_LINES.fullmatch("\n".join(bare)):
         return None
     try:
         return np.array(bare, dtype="datetime64[ns]")
@@ -138,6 +142,9 @@ def _checked_columns(bars: list) -> dict[str, list]:
             if any(isinstance(v, bool) for v in column):
                 raise TypeError
             columns[name] = np.asarray(column, dtype=np.float64)
+        except OverflowError:
+            row = next(i for i, v in enumerate(column) if isinstance(v, int) and abs(v) > sys.float_info.max)
+            raise RequestError(f"bars: bar {row + 1}: {name} is an integer beyond the float range") from None
         except (TypeError, ValueError):
             row = next(i for i, v in enumerate(column) if isinstance(v, bool) or not isinstance(v, (int, float)))
             raise RequestError(f"bars: bar {row + 1}: {name} {column[row]!r} is not a number") from None
@@ -148,10 +155,11 @@ def _field(bar, name: str):
     return bar.get(name, 0.0 if name == "volume" else None) if isinstance(bar, dict) else getattr(bar, name)
 
 
-def parse_bars(bars, limits: Limits = Limits()) -> pd.DataFrame:
+def parse_bar_arrays(bars, limits: Limits = Limits()) -> tuple[pd.DatetimeIndex, OhlcvArrays]:
     """Bars oldest first, each {timestamp, open, high, low, close, volume} (a dict, or an object with those
-    attributes; volume 0 when absent), to a float OHLCV frame indexed by naive UTC time. Bars are numbered from 1
-    in messages; the rules are the market-data loader's (`vlm_assets.market.io.check_rows`)."""
+    attributes; volume 0 when absent), to their naive UTC times and float64 OHLCV columns: what the service draws and
+    computes features from, with no frame in between. Bars are numbered from 1 in messages; the rules are the
+    market-data loader's (`vlm_assets.market.io.check_rows`)."""
     if not isinstance(bars, list):
         raise RequestError("bars must be a list of {timestamp, open, high, low, close, volume} objects")
     if not limits.min_bars <= len(bars) <= limits.max_bars:
@@ -161,12 +169,21 @@ def parse_bars(bars, limits: Limits = Limits()) -> pd.DataFrame:
     if columns is None:  # something is off: find the first bad bar and say what
         columns = _checked_columns(bars)
     index = _timestamps(columns.pop("timestamp"))
-    values = {name: np.asarray(column, dtype=np.float64) for name, column in columns.items()}
     try:
-        check_rows(index, values, "bars")
+        values = OhlcvArrays(*np.array([columns[name] for name in BAR_FIELDS[1:]], dtype=np.float64))
+    except OverflowError:  # an integer too large for a float: the checked path names its bar
+        values = OhlcvArrays(*(_checked_columns(bars)[name] for name in BAR_FIELDS[1:]))
+    try:
+        check_rows(index, values._asdict(), "bars")
     except MarketDataError as error:
         raise RequestError(str(error).replace(f"row {error.row}:", f"bar {error.row}:")) from None
-    return pd.DataFrame(values, index=index.rename("timestamp"))
+    return index.rename("timestamp"), values
+
+
+def parse_bars(bars, limits: Limits = Limits()) -> pd.DataFrame:
+    """`parse_bar_arrays` as a float OHLCV frame indexed by naive UTC time."""
+    index, values = parse_bar_arrays(bars, limits)
+    return pd.DataFrame(np.column_stack(values), index=index, columns=PRICE_COLUMNS, copy=False)
 
 
 def decode_image(image_base64, limits: Limits = Limits()):
