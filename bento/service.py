@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+from typing import Annotated
 
 import bentoml
 import numpy as np
@@ -34,12 +35,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from typing_extensions import NotRequired, TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.serving.config import ServingConfig
 from vlm_assets.serving.prediction_log import logged_embedding
 from vlm_assets.serving.requests import (
-    RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bars,
+    RequestError, check_prompts, check_symbol, check_timeframe, decode_image, parse_bar_arrays,
 )
 
 CONFIG = ServingConfig.from_env()
@@ -60,13 +62,16 @@ MODEL_INFO = prometheus_client.Gauge("candle_vlm_model_info", "the served model"
                                      ["model_version", "bundle_id", "encoder"])
 
 
-class Bar(BaseModel):
-    timestamp: str | float = Field(description="ISO 8601 (UTC if no offset) or epoch seconds")
+class Bar(TypedDict):
+    """One OHLCV bar (volume 0 when absent). A TypedDict, not a model: validated as plain dicts, 100 bars cost
+    ~0.08 ms less per request (docs/serving.md)."""
+
+    timestamp: Annotated[str | float, Field(description="ISO 8601 (UTC if no offset) or epoch seconds")]
     open: float
     high: float
     low: float
     close: float
-    volume: float = 0.0
+    volume: NotRequired[float]
 
 
 class Chart(BaseModel):
@@ -105,6 +110,8 @@ routes = Starlette(routes=[Route("/embeddings", embeddings_route, methods=["GET"
     # Every answer is in the prediction log and every refusal in /metrics; a line per request on stdout as well
     # costs CPU the encoder needs. CANDLE_VLM_ACCESS_LOG=true turns it back on.
     logging={"access": {"enabled": CONFIG.access_log}},
+    # Off, every URL skips the tracing middleware; on, BentoML's own settings (BENTOML_CONFIG) apply.
+    tracing={} if CONFIG.tracing else {"excluded_urls": [".*"]},
 )
 class CandleVLM:
     bundle = bentoml.models.BentoModel(CONFIG.model)
@@ -196,7 +203,7 @@ class CandleVLM:
         embedding = await pending
         result = self.predictor.score_patterns(embedding, patterns, features, resnet, timeframe)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "bars" if has_bars else "image",
-                 "bars_used": len(window) if has_bars else None}
+                 "bars_used": window.close.size if has_bars else None}
         # A ready Response: BentoML's dict serialization rebuilds the output schema on every call.
         return JSONResponse(await self._answer("predict_patterns", started, embedding, result, extra))
 
@@ -267,12 +274,12 @@ def _embedding_id(embedding: np.ndarray) -> str:
 
 
 def _validated_input(bars: list[Bar] | None, image_base64: str | None) -> tuple[str, object]:
-    """("bars", OHLCV frame) or ("image", RGB image); RequestError names what is wrong."""
+    """("bars", OHLCV columns) or ("image", RGB image); RequestError names what is wrong."""
     if (bars is None) == (image_base64 is None):
         raise RequestError("give exactly one of bars or image_base64" if bars is None or image_base64 is None
                             else "give bars or image_base64, not both")
     if bars is not None:
-        return "bars", parse_bars(bars, CONFIG.limits)
+        return "bars", parse_bar_arrays(bars, CONFIG.limits)[1]
     return "image", decode_image(image_base64, CONFIG.limits)
 
 

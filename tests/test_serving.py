@@ -223,6 +223,15 @@ def _error_text(body) -> str:
     return json.dumps(body)
 
 
+def _answer_headers(url):
+    """The headers (case-insensitive) and request id of an answered /predict/patterns request."""
+    body = json.dumps({"symbol": "ACME", "timeframe": "5m", "bars": synthetic_bars(60)}).encode()
+    request = urllib.request.Request(url + "/predict/patterns", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 200
+        return response.headers, json.loads(response.read())["request_id"]
+
+
 def test_bentoml_serve_over_http(promoted, tmp_path):
     root, _ = promoted
     log_dir = tmp_path / "predictions"
@@ -238,6 +247,10 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
         assert answer["calibrated"] == {"hammer": True, "a long lower shadow": False}
         assert answer["model_version"] == str(promotion.promoted(NAME).tag) and answer["latency_ms"] > 0
         answered = [answer["request_id"]]
+        # Tracing is off by default: no span, hence no span id in the headers (see the next test for it on).
+        headers, request_id = _answer_headers(url)
+        assert "X-BentoML-Request-ID" not in headers
+        answered.append(request_id)
 
         chart = Predictor.chart_image(Image.new("RGB", (320, 200), "white"))
         status, by_image = _call(url, "/predict/patterns", {"symbol": "ACME", "timeframe": "1h",
@@ -286,6 +299,14 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
     logged = read_predictions(log_dir)
     assert sorted(logged["request_id"]) == sorted(answered)
     assert {"embedding", "probabilities", "latency_ms", "model_version", "embedding_id"} <= set(logged.columns)
+
+
+def test_tracing_turned_on_brings_back_the_request_spans(promoted, tmp_path):
+    root, _ = promoted
+    env = {"CANDLE_VLM_ARTIFACT_ROOT": str(root), "CANDLE_VLM_PREDICTION_LOG": str(tmp_path / "predictions"),
+           "CANDLE_VLM_TRACING": "true", "CANDLE_VLM_WORKERS": "1", **SERVED}
+    with Server(env, log_path=str(tmp_path / "server.log")) as server:
+        assert "X-BentoML-Request-ID" in _answer_headers(server.url)[0]
 
 
 def test_bentoml_build_packages_the_service_with_the_promoted_model(promoted):
