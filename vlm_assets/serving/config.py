@@ -27,8 +27,8 @@ class ServingConfig:
     device: str = "cpu"
     encoder: str = "auto"  # image-encoder backend; auto = the fastest one promotion accepted that runs here
     access_log: bool = False  # BentoML's access log (answers are in the prediction log, refusals in /metrics)
-    # BentoML's OpenTelemetry spans: recorded for every request even when nothing exports them, at ~0.4 ms of CPU
-    # per request (docs/serving.md). Turn on together with a tracing exporter in BENTOML_CONFIG.
+    # BentoML's OpenTelemetry spans: recorded for every request even when nothing exports them, on CPU the encoder
+    # needs (docs/serving.md). Turn on together with a tracing exporter in BENTOML_CONFIG.
     tracing: bool = False
     max_batch_size: int = 32  # adaptive batching of image encoding
     max_latency_ms: int = 5000  # the batcher sheds (HTTP 503) a request it expects to wait longer than this
