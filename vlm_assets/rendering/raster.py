@@ -93,7 +93,8 @@ def _ohlcv(bars: pd.DataFrame | OhlcvArrays, name: str) -> OhlcvArrays:
                              f"{[column.shape for column in data]}")
         if data.close.size == 0:
             raise ValueError(f"{name} is empty")
-        where = str
+        def where(row: int) -> str:
+            return str(row)
     elif isinstance(bars, pd.DataFrame):
         missing = [column for column in OHLCV_COLUMNS if column not in bars.columns]
         if missing:
@@ -107,7 +108,8 @@ def _ohlcv(bars: pd.DataFrame | OhlcvArrays, name: str) -> OhlcvArrays:
                 data = OhlcvArrays(*(bars[column].to_numpy(dtype=np.float64) for column in OHLCV_COLUMNS))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{name} has a non-numeric OHLCV column: {error}") from None
-        where = lambda row: f"{row} (index {bars.index[row]!r})"  # noqa: E731
+        def where(row: int) -> str:
+            return f"{row} (index {bars.index[row]!r})"
     else:
         raise ValueError(f"{name} must be a pandas DataFrame or OhlcvArrays, got {type(bars).__name__}")
 
