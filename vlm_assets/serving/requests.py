@@ -16,13 +16,13 @@ import pandas as pd
 
 from vlm_assets.market.io import MarketDataError, check_rows
 from vlm_assets.market.timeframes import TIMEFRAMES
-from vlm_assets.rendering.raster import OhlcvArrays
+from vlm_assets.rendering.raster import OHLCV_COLUMNS, OhlcvArrays
 
 CHART_SIZE = (224, 224)  # what the renderer draws and the image tower reads
 SYMBOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,31}$")
 BAR_FIELDS = ("timestamp", "open", "high", "low", "close", "volume")
 PLAIN_ISO = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?)?")
-PRICE_COLUMNS = pd.Index(BAR_FIELDS[1:])  # built once: a frame's columns from a list cost more than its data
+FRAME_COLUMNS = pd.Index(OHLCV_COLUMNS)  # built once: a frame's columns from a list cost more than its data
 PLAIN_ISO_LINES = re.compile(rf"(?:{PLAIN_ISO.pattern}\n)*{PLAIN_ISO.pattern}")  # one match for every timestamp
 
 
@@ -183,7 +183,7 @@ def parse_bar_arrays(bars, limits: Limits = Limits()) -> tuple[pd.DatetimeIndex,
 def parse_bars(bars, limits: Limits = Limits()) -> pd.DataFrame:
     """`parse_bar_arrays` as a float OHLCV frame indexed by naive UTC time."""
     index, values = parse_bar_arrays(bars, limits)
-    return pd.DataFrame(np.column_stack(values), index=index, columns=PRICE_COLUMNS, copy=False)
+    return pd.DataFrame(np.column_stack(values), index=index, columns=FRAME_COLUMNS, copy=False)
 
 
 def decode_image(image_base64, limits: Limits = Limits()):
