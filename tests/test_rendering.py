@@ -30,6 +30,7 @@ from vlm_assets.rendering import (
     moving_average,
     plotly_figure,
     randomize_style,
+    read_back,
     render_chart,
     render_png,
     validate_bars,
@@ -270,6 +271,35 @@ def test_doji_and_small_body_are_distinguishable():
     small = last_candle(render_chart(with_last_candle(window, body=0.001, wick=0.005)), DEFAULT_STYLE)
     assert doji["body_height"] == 1 and doji["height"] >= 20
     assert small["body_height"] >= 3
+
+
+@pytest.mark.parametrize("case", ["default", "uniform", "composite", "random"])
+def test_read_back_keeps_every_price_inside_its_pixel_row(case):
+    bars = random_bars(90, seed=21)
+    style = {"default": DEFAULT_STYLE, "uniform": dataclasses.replace(DEFAULT_STYLE, focus_bars=0),
+             "composite": DEFAULT_STYLE, "random": randomize_style(np.random.default_rng(5))}[case]
+    composite = case == "composite"
+    edges = [read_back(bars, style, 224, composite, np.full((4, len(bars)), side)) for side in (-0.5, 0.5)]
+    centre = read_back(bars, style, 224, composite)
+    for column in ("open", "high", "low", "close"):
+        original = bars[column].to_numpy()
+        below, above, middle = (getattr(read, column) for read in (*edges, centre))
+        tolerance = 1e-9 * original
+        assert np.all(below <= original + tolerance) and np.all(original <= above + tolerance)
+        assert np.all((below <= middle) & (middle <= above))
+        assert 0 < np.median(above - below) < 0.01 * original.mean()  # one row is a small slice of the price range
+
+
+def test_read_back_cannot_tell_prices_on_one_row_apart():
+    window = random_bars(120, seed=13)
+    one_row = read_back(with_last_candle(window, body=1e-7, wick=0.005))
+    assert one_row.open[-1] == one_row.close[-1]  # drawn as a 1 px body, like an exact doji
+    visible = read_back(with_last_candle(window, body=0.001, wick=0.005))
+    assert visible.close[-1] > visible.open[-1]
+    with pytest.raises(ValueError, match="within_row must have shape"):
+        read_back(window, within_row=np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"values in \[-0.5, 0.5\]"):
+        read_back(window, within_row=np.ones((4, len(window))))
 
 
 def test_whole_window_stays_in_view():

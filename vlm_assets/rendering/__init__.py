@@ -4,7 +4,7 @@ Importing this package does not import plotly; ``figures`` loads it on first use
 """
 
 from vlm_assets.rendering.figures import KaleidoExporter, KaleidoExportError, KaleidoTimeout, figure_png, plotly_figure
-from vlm_assets.rendering.raster import OHLCV_COLUMNS, OhlcvArrays, encode_png, moving_average, render_chart, render_png, validate_bars
+from vlm_assets.rendering.raster import OHLCV_COLUMNS, OhlcvArrays, encode_png, moving_average, read_back, render_chart, render_png, validate_bars
 from vlm_assets.rendering.style import DEFAULT_STYLE, PRESETS, STYLE_VERSION, ChartStyle, randomize_style
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "moving_average",
     "plotly_figure",
     "randomize_style",
+    "read_back",
     "render_chart",
     "render_png",
     "validate_bars",

@@ -294,6 +294,53 @@ def _draw_labels(draw: ImageDraw.ImageDraw, panel: _Panel, ticks: _Ticks, style:
         previous_bottom = text_top + text_height
 
 
+class _RowsLayout(NamedTuple):
+    """Bottom rows (inclusive) and heights of the stacked panels, top to bottom: price, volume, HTF."""
+
+    inner_bottom: int
+    htf_height: int
+    main_bottom: int
+    volume_height: int
+    price_bottom: int
+
+
+def _rows_layout(style: ChartStyle, height: int, with_htf_panel: bool) -> _RowsLayout:
+    _, margin_top, _, margin_bottom = style.margins
+    inner_bottom = height - 1 - margin_bottom
+    htf_height = round((inner_bottom - margin_top + 1) * style.htf_height) if with_htf_panel else 0
+    main_bottom = inner_bottom - (htf_height + _PANEL_GAP if with_htf_panel else 0)
+    volume_height = round((main_bottom - margin_top + 1) * style.volume_height) if style.volume_pane else 0
+    price_bottom = main_bottom - (volume_height + _PANEL_GAP if style.volume_pane else 0)
+    return _RowsLayout(inner_bottom, htf_height, main_bottom, volume_height, price_bottom)
+
+
+def read_back(
+    bars: pd.DataFrame | OhlcvArrays,
+    style: ChartStyle = DEFAULT_STYLE,
+    height: int = 224,
+    with_htf_panel: bool = False,
+    within_row: np.ndarray | None = None,
+) -> OhlcvArrays:
+    """The window as a pixel-exact reader of its chart would recover it: every open, high, low and close moved to
+    the price at the centre of the pixel row `render_chart` draws it on (volume unchanged), or `within_row` rows
+    (shape (4, n): open, high, low, close; each in [-0.5, 0.5], up is positive) away from that centre.
+
+    What an image model can know of the prices is bounded by this: prices on one row look the same. Only the
+    vertical geometry matters, so the width is not needed; the reader is granted the exact price axis.
+    """
+    data = _ohlcv(bars, "bars")
+    _, top, _, _ = style.margins
+    bottom = _rows_layout(style, height, with_htf_panel).price_bottom
+    prices, heights = _price_axis(data, style.focus_bars, style)
+    panel = _Panel(0, top, 0, bottom, prices, heights)
+    offsets = np.zeros((4, len(data.close))) if within_row is None else np.asarray(within_row, dtype=float)
+    if offsets.shape != (4, len(data.close)) or np.any(np.abs(offsets) > 0.5):
+        raise ValueError(f"within_row must have shape (4, {len(data.close)}) with values in [-0.5, 0.5]")
+    read = [np.interp((bottom - panel.rows(values) + offset) / (bottom - top), heights, prices)
+            for values, offset in zip((data.open, data.high, data.low, data.close), offsets)]
+    return OhlcvArrays(*read, data.volume)
+
+
 def render_chart(
     bars: pd.DataFrame | OhlcvArrays,
     style: ChartStyle = DEFAULT_STYLE,
@@ -318,12 +365,8 @@ def render_chart(
     if width < MIN_PLOT_SIZE or height < MIN_PLOT_SIZE:
         raise ValueError(f"width and height must be >= {MIN_PLOT_SIZE} px, got {width}x{height}")
 
-    margin_left, margin_top, margin_right, margin_bottom = style.margins
-    inner_bottom = height - 1 - margin_bottom
-    htf_height = round((inner_bottom - margin_top + 1) * style.htf_height) if htf is not None else 0
-    main_bottom = inner_bottom - (htf_height + _PANEL_GAP if htf is not None else 0)
-    volume_height = round((main_bottom - margin_top + 1) * style.volume_height) if style.volume_pane else 0
-    price_bottom = main_bottom - (volume_height + _PANEL_GAP if style.volume_pane else 0)
+    margin_left, margin_top, margin_right, _ = style.margins
+    inner_bottom, htf_height, main_bottom, volume_height, price_bottom = _rows_layout(style, height, htf is not None)
 
     price_axis = _price_axis(data, style.focus_bars, style)
     price_ticks = _ticks(price_axis[0][0], price_axis[0][-1], style.grid_lines)
