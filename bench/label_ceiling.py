@@ -167,7 +167,10 @@ def run(root: Path, split: str, draws: int) -> dict:
         raise RuntimeError("relabelling the exact windows did not reproduce the dataset's labels: the harness is wrong")
     report = {"split": split, "threshold_split": "val", "windows": len(evaluated.windows), "chart_height": height,
               "within_row_draws": draws, "positives": int(evaluated.truth.sum()),
-              "clear_positives": int(evaluated.clear.sum()), "floors": FLOORS, "readers": {}}
+              "clear_positives": int(evaluated.clear.sum()),
+              "clear_share": dict(zip(CORE_PATTERNS, (evaluated.clear.sum(axis=0) / evaluated.truth.sum(axis=0))
+                                      .round(3).tolist())),
+              "floors": FLOORS, "readers": {}}
     for name, (transform, factor) in _style_variants().items():
         started = time.perf_counter()
         centre, probability = read_labels(evaluated, height * factor, transform, draws, seed=1)
@@ -196,7 +199,8 @@ def main() -> int:
     if args.json:
         args.json.write_text(text)
     variants = report["readers"]
-    print(f"\n{report['split']} split, {report['windows']} windows, charts {report['chart_height']} px high\n")
+    print(f"\n{report['split']} split, {report['windows']} windows, charts {report['chart_height']} px high; share of "
+          "positives in tier rule_high: " + ", ".join(f"{k} {v:.2f}" for k, v in report["clear_share"].items()) + "\n")
     print("| | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
     for key in ("macro_recall", "min_recall", "macro_precision", "neutral_precision", "clear_macro_recall",
                 "clear_min_recall"):
