@@ -14,8 +14,9 @@ dataset's labels of the last bar:
   thresholds. This is close to the best any image model can do under the evaluation's protocol.
 
 `clear_*` counts only the positives of tier rule_high (every condition holds by at least `tier_margin` average
-ranges). Each reader runs on the charts as rendered, on the same styles in the uniform layout (no focus zoom) and at
-twice the chart height. Relabelling the exact windows must reproduce the dataset's labels (checked: it guards the
+ranges). Each reader runs on the charts as rendered, on the same styles in the uniform layout (no focus zoom), at
+twice the chart height, and with a stronger focus zoom (the focus candles' range at least 70% of the price panel,
+up to 10x magnified, instead of the styles' 30-50% and 4x; charts in the uniform layout stay uniform). Relabelling the exact windows must reproduce the dataset's labels (checked: it guards the
 harness). Needs the data assets in --root (`candle-vlm run` or bench/dataset.py). Issue 3's floors: macro recall >=
 0.95, every core pattern >= 0.90, neutral precision >= 0.90.
 """
@@ -42,6 +43,7 @@ def _style_variants():
         "as rendered": (lambda style: style, 1),
         "uniform layout": (lambda style: dataclasses.replace(style, focus_bars=0), 1),
         "twice the height": (lambda style: style, 2),
+        "stronger focus zoom": (lambda style: dataclasses.replace(style, focus_min_span=0.7, focus_max_zoom=10.0), 1),
     }
 
 
