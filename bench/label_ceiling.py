@@ -10,15 +10,17 @@ dataset's labels of the last bar:
 * **rule at row centres**: the rule engine on the prices at the centres of their rows;
 * **max-F1 threshold on P**: P(pattern | pixels) estimated as the share of `--draws` draws, each price anywhere in
   its row (exactly equal prices, such as an open at the previous close, move together), in which the rule engine
-  fires; per pattern, the threshold with the best F1 on the validation split, as `model_evaluation` picks its
-  thresholds. This is close to the best any image model can do under the evaluation's protocol.
+  fires; per pattern, the threshold with the best F1 on the validation split (`evaluation.best_f1_thresholds`, as
+  `model_evaluation` picks its thresholds). This is close to the best any image model can do under the
+  evaluation's protocol.
 
 `clear_*` counts only the positives of tier rule_high (every condition holds by at least `tier_margin` average
 ranges). Each reader runs on the charts as rendered, on the same styles in the uniform layout (no focus zoom), at
 twice the chart height, and with a stronger focus zoom (the focus candles' range at least 70% of the price panel,
-up to 10x magnified, instead of the styles' 30-50% and 4x; charts in the uniform layout stay uniform). Relabelling the exact windows must reproduce the dataset's labels (checked: it guards the
-harness). Needs the data assets in --root (`candle-vlm run` or bench/dataset.py). Issue 3's floors: macro recall >=
-0.95, every core pattern >= 0.90, neutral precision >= 0.90.
+up to 10x magnified, instead of the styles' 30-50% and 4x; charts in the uniform layout stay uniform).
+Relabelling the exact windows must reproduce the dataset's labels (checked: it guards the harness). Needs the data
+assets in --root (`candle-vlm run` or bench/dataset.py). Issue 3's floors: macro recall >= 0.95, every core pattern
+>= 0.90, neutral precision >= 0.90.
 """
 
 from __future__ import annotations
@@ -100,19 +102,6 @@ def scores(truth, predicted, clear) -> dict:
     }
 
 
-def max_f1_thresholds(truth, probability):
-    """Per pattern, the probability threshold with the best F1 (ties: the lowest)."""
-    import numpy as np
-
-    thresholds = []
-    for j in range(truth.shape[1]):
-        candidates = np.unique(probability[:, j])
-        f1 = [2 * (truth[:, j] & (probability[:, j] >= t)).sum() / max(truth[:, j].sum() + (probability[:, j] >= t).sum(), 1)
-              for t in candidates]
-        thresholds.append(float(candidates[int(np.argmax(f1))]))
-    return np.array(thresholds)
-
-
 class _Split:
     def __init__(self, artifacts, bars, labels, split: str):
         import numpy as np
@@ -155,6 +144,7 @@ def read_labels(split: _Split, height: int, transform, draws: int, seed: int):
 
 
 def run(root: Path, split: str, draws: int) -> dict:
+    from vlm_assets import evaluation as ev
     from vlm_assets.labeling import CORE_PATTERNS, label_bars
     from vlm_assets.pipeline.artifacts import load_bars, load_labels
     from vlm_assets.storage import ArtifactStore
@@ -177,11 +167,11 @@ def run(root: Path, split: str, draws: int) -> dict:
         started = time.perf_counter()
         centre, probability = read_labels(evaluated, height * factor, transform, draws, seed=1)
         _, tuning_probability = read_labels(tuning, height * factor, transform, draws, seed=2)
-        thresholds = max_f1_thresholds(tuning.truth, tuning_probability)
+        thresholds = ev.best_f1_thresholds(tuning.truth, tuning_probability, CORE_PATTERNS)
         report["readers"][f"{name}: rule at row centres"] = scores(evaluated.truth, centre, evaluated.clear)
         report["readers"][f"{name}: max-F1 threshold on P"] = scores(
-            evaluated.truth, probability >= thresholds, evaluated.clear) | {
-            "thresholds": dict(zip(CORE_PATTERNS, thresholds.round(4).tolist()))}
+            evaluated.truth, ev.apply_thresholds(probability, thresholds, CORE_PATTERNS), evaluated.clear) | {
+            "thresholds": {k: round(v, 4) for k, v in thresholds.items()}}
         print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     return report
 
