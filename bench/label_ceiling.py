@@ -16,8 +16,9 @@ dataset's labels of the last bar:
 
 `clear_*` counts only the positives of tier rule_high (every condition holds by at least `tier_margin` average
 ranges). Each reader runs on the charts as rendered, on the same styles in the uniform layout (no focus zoom), at
-twice the chart height, and with a stronger focus zoom (the focus candles' range at least 70% of the price panel,
-up to 10x magnified, instead of the styles' 30-50% and 4x; charts in the uniform layout stay uniform).
+twice the chart height, with the weaker focus zoom rendered before 2026-12-03 (the focus candles' range at least
+30-50% of the price panel, up to 4x magnified, instead of today's 60-80% and 10x) and with a fixed 85% zoom (charts
+in the uniform layout stay uniform).
 Relabelling the exact windows must reproduce the dataset's labels (checked: it guards the harness). Needs the data
 assets in --root (`candle-vlm run` or bench/dataset.py). Issue 3's floors: macro recall >= 0.95, every core pattern
 >= 0.90, neutral precision >= 0.90.
@@ -45,7 +46,9 @@ def _style_variants():
         "as rendered": (lambda style: style, 1),
         "uniform layout": (lambda style: dataclasses.replace(style, focus_bars=0), 1),
         "twice the height": (lambda style: style, 2),
-        "stronger focus zoom": (lambda style: dataclasses.replace(style, focus_min_span=0.7, focus_max_zoom=10.0), 1),
+        "weaker focus zoom (before 2026-12-03)": (
+            lambda style: dataclasses.replace(style, focus_min_span=style.focus_min_span - 0.3, focus_max_zoom=4.0), 1),
+        "focus zoom 85%": (lambda style: dataclasses.replace(style, focus_min_span=0.85), 1),
     }
 
 

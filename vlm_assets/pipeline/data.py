@@ -149,7 +149,7 @@ class ChartImagesConfig(Config):
         )
 
 
-@asset(group_name=DATA_GROUP, code_version="1", deps=[pattern_labels], kinds={"pillow"})
+@asset(group_name=DATA_GROUP, code_version="2", deps=[pattern_labels], kinds={"pillow"})
 def chart_images(context: AssetExecutionContext, config: ChartImagesConfig, store: ArtifactStoreResource) -> MaterializeResult:
     """Chart windows chosen to meet per-pattern quotas, rendered to PNG (seeded styles, composites, a plotly share)."""
     artifacts = store.store()

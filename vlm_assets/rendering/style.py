@@ -60,8 +60,10 @@ class ChartStyle:
     focus_bars: int = 5
     focus_fraction: float = 0.3
     focus_separator: bool = True  # faint vertical line between old and focus candles
-    focus_min_span: float = 0.4
-    focus_max_zoom: float = 4.0
+    # 70% and up to 10x: at 30-50% and 4x, 40% of the dataset's positives held their rule by under one pixel row
+    # (bench/label_ceiling.py; docs/benchmarks.md).
+    focus_min_span: float = 0.7
+    focus_max_zoom: float = 10.0
     htf_height: float = 0.28  # fraction of the image height given to the higher-timeframe panel
 
     def __post_init__(self) -> None:
@@ -279,5 +281,5 @@ def randomize_style(rng: np.random.Generator, base: ChartStyle | None = None) ->
         focus_bars=focus_bars,
         focus_fraction=round(float(rng.uniform(0.25, 0.4)), 3),
         focus_separator=bool(rng.random() < 0.5),
-        focus_min_span=round(float(rng.uniform(0.3, 0.5)), 3),
+        focus_min_span=round(float(rng.uniform(0.6, 0.8)), 3),
     )
