@@ -184,11 +184,11 @@ def psi(reference: np.ndarray, weights: np.ndarray, current: np.ndarray,
         clusters: np.ndarray | None = None, bins: int = PSI_BINS) -> tuple[float, float]:
     """Population stability index of `current` against the weighted `reference`, over the reference's quantile bins
     (ties and bins narrower than PSI_MIN_BIN merged) and a bin on either side of its range: sum over bins of
-    (c - r) ln(c / r); and its sampling noise at
-    PSI_CONFIDENCE: that of two samples of one distribution (`_psi_null_moments`, `_scaled_quantile`), large for
-    small samples, and larger when answers come in `clusters` (a symbol's charts share its market): the design effect
-    deff is the jackknife variance of the bin shares (leave one cluster out) over their variance for independent
-    answers, and the noise is that of n / deff independent answers, widened for deff's own estimation error."""
+    (c - r) ln(c / r); and its sampling noise at PSI_CONFIDENCE: that of two samples of one distribution
+    (`_psi_null_moments`, `_scaled_quantile`), large for small samples, and larger when answers come in `clusters` (a
+    symbol's charts share its market): the design effect deff is the jackknife variance of the bin shares (leave one
+    cluster out) over their variance for independent answers, and the noise is that of n / deff independent answers,
+    widened for deff's own estimation error."""
     weights = weights / weights.sum()
     # Probabilities 0.001 apart are the same answer: without this, a near-constant distribution gets bins narrower
     # than float noise (batched vs single-chart encoding) and any two samples of it look shifted.
@@ -259,9 +259,8 @@ def _scaled_quantile(mean: float, variance: float, scale_dof: float) -> float:
 
 def _jackknife_dof(estimates: np.ndarray) -> float:
     """Degrees of freedom of the jackknife variance (summed over columns) from leave-one-cluster-out estimates
-    (clusters, k): g - 1 per effective dimension, by Satterthwaite over the eigenvalues of their covariance."""
-    eigen = np.linalg.svd(estimates - estimates.mean(axis=0), compute_uv=False) ** 2
-    total, squares = float(eigen.sum()), float((eigen**2).sum())
+    (clusters, k): g - 1 per effective dimension (`_jackknife_spectrum`)."""
+    total, squares = _jackknife_spectrum(estimates)
     return (len(estimates) - 1) * (total**2 / squares) if squares > 0 else math.inf
 
 
@@ -295,12 +294,18 @@ def _noise_quantile(estimates: np.ndarray, q: float) -> float:
     becomes an F: with few symbols the noise is wide, as it should be. Infinite with fewer than two clusters."""
     from scipy.stats import f
 
-    g = len(estimates)
-    if g < 2:
+    if len(estimates) < 2:
         return math.inf
+    total, squares = _jackknife_spectrum(estimates)
+    return 0.0 if squares == 0 else total * float(f.ppf(q, total**2 / squares, len(estimates) - 1))
+
+
+def _jackknife_spectrum(estimates: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares of the eigenvalues of the jackknife covariance of leave-one-cluster-out estimates
+    (clusters, k); (sum)^2 / (sum of squares) is its effective number of dimensions (Satterthwaite)."""
+    g = len(estimates)
     eigen = (g - 1) / g * np.linalg.svd(estimates - estimates.mean(axis=0), compute_uv=False) ** 2
-    total, squares = float(eigen.sum()), float((eigen**2).sum())
-    return 0.0 if squares == 0 else total * float(f.ppf(q, total**2 / squares, g - 1))
+    return float(eigen.sum()), float((eigen**2).sum())
 
 
 def _t_quantile(clusters: int) -> float:
