@@ -1,12 +1,14 @@
 """Can an image tower learn candles from the training stream? A supervised probe, no text involved.
 
-    python bench/learnability.py [--root artifacts] [--tower convstem|plain] [--steps 1000] [--style-share 1.0]
+    python bench/learnability.py [--root artifacts] [--tower chartclip|convstem|...] [--steps 1000] [--style-share 1.0]
 
 Trains the image tower plus one linear head on the training stream of `vlm_assets.training` (charts rendered from
 the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
 anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
-the core patterns (stored dataset images). `convstem` is ChartCLIP-S's tower; `plain` is the same ViT with a
-single 32x32 linear patch embedding. Needs the data assets in --root (`candle-vlm run` or bench/dataset.py).
+the core patterns (stored dataset images). `chartclip` is ChartCLIP-S's tower (vlm_assets.image_tower); the others
+are the towers it was chosen against: `convstem` (the tower until 2026-12-03), `plain` (a ViT with one 32x32 linear
+patch embedding), `cnn`, `columns`, `profile` and two trunk widths of the hybrid. Needs the data assets in --root
+(`candle-vlm run` or bench/dataset.py).
 """
 
 from __future__ import annotations
@@ -23,19 +25,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 from bench.common import machine_info  # noqa: E402
 
 
+# (in, out, convolutions) per stride-2 stage, as vlm_assets.image_tower.TRUNK_STAGES
+CNN_STAGES = ((3, 32, 1), (32, 64, 2), (64, 128, 2), (128, 256, 2), (256, 256, 1))
+HYBRID_STAGES = {"hybrid-wide": CNN_STAGES,
+                 "hybrid-slim": ((3, 24, 1), (24, 48, 2), (48, 96, 2), (96, 192, 2), (192, 256, 1))}
+
+
 def _plain_cnn():
-    """A position-aware CNN of about twice the tower's compute: the same standardized input, two 3x3
-    convolutions per stage down to 7x7x256, flattened into a 256-d embedding (no global pooling, which would
-    forget that patterns live at the right edge)."""
+    """A position-aware CNN: the standardized input, two 3x3 convolutions per stage down to 7x7x256 (CNN_STAGES),
+    flattened into a 256-d embedding (no global pooling, which would forget that patterns live at the right edge)."""
     import torch
 
-    layers = [torch.nn.InstanceNorm2d(3)]
-    for c_in, c_out, blocks in ((3, 32, 1), (32, 64, 2), (64, 128, 2), (128, 256, 2), (256, 256, 1)):
-        for b in range(blocks):
-            layers += [torch.nn.Conv2d(c_in if b == 0 else c_out, c_out, 3, stride=2 if b == 0 else 1, padding=1,
-                                       bias=False), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
-    layers += [torch.nn.Flatten(), torch.nn.Linear(7 * 7 * 256, 256)]
-    return torch.nn.Sequential(*layers)
+    from vlm_assets.image_tower import conv_trunk
+
+    return torch.nn.Sequential(*conv_trunk(CNN_STAGES), torch.nn.Flatten(), torch.nn.Linear(7 * 7 * 256, 256))
+
+
+def _hybrid_tower(stages):
+    """ChartCLIP-S's tower (two transformer blocks over a convolutional trunk) with other trunk widths."""
+    import functools
+
+    from vlm_assets.image_tower import ConvTrunkPatchEmbed, chart_vit_s32_hybrid
+
+    return chart_vit_s32_hybrid(embed_layer=functools.partial(ConvTrunkPatchEmbed, stages=stages))
+
+
+def _convstem_tower():
+    """ChartCLIP-S's tower until 2026-12-03: one stride-2 3x3 convolution per stage (16, 32, 64, 128 channels, then
+    straight to the width 256) and six transformer blocks."""
+    import torch
+    from timm.layers import PatchEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vlm_assets.image_tower import conv_trunk
+
+    class ConvStem(PatchEmbed):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            stem = conv_trunk(((3, 16, 1), (16, 32, 1), (32, 64, 1), (64, 128, 1)))
+            self.proj = torch.nn.Sequential(*stem, torch.nn.Conv2d(128, kwargs["embed_dim"], 3, stride=2, padding=1,
+                                                                   bias=kwargs.get("bias", True)))
+
+    return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
+                             global_pool="token", pre_norm=True, num_classes=0, embed_layer=ConvStem)
 
 
 def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
@@ -71,17 +103,69 @@ def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
     return ColumnTower()
 
 
+def _profile_tower(width: int = 192, depth: int = 4, heads: int = 4, readers: int = 12):
+    """Columns read as coordinates: a conv stem that halves the height once and the width twice, then per
+    4-px column `readers` soft-argmax heads, each a softmax over the 112 rows (2 px each) of a learned score (features plus a
+    learned per-row bias, so a head can learn "topmost ink" or "lowest body pixel"). Each head gives a sub-pixel
+    row coordinate, its spread and the features it attends to; these make the column's token, and a 1-D
+    transformer compares the columns (class-token readout)."""
+    import torch
+
+    class ProfileTower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [torch.nn.InstanceNorm2d(3)]
+            for c_in, c_out, stride in ((3, 16, (2, 2)), (16, 32, (1, 2))):
+                layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                           torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
+            self.stem = torch.nn.Sequential(*layers)  # (n, 32, 112, 56)
+            self.score = torch.nn.Conv2d(32, readers, 1)
+            self.row_bias = torch.nn.Parameter(torch.zeros(1, readers, 112, 1))
+            self.register_buffer("rows", torch.linspace(0.0, 1.0, 112).view(1, 1, 112, 1), persistent=False)
+            self.token = torch.nn.Linear(readers * (2 + 32) + 32, width)
+            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
+            self.position = torch.nn.Parameter(torch.randn(1, 57, width) * 0.02)
+            block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                                     batch_first=True, norm_first=True)
+            self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+            self.norm = torch.nn.LayerNorm(width)
+            self.head = torch.nn.Linear(width, 256)
+
+        def forward(self, pixels):
+            features = self.stem(pixels)  # (n, c, h, w)
+            attention = torch.softmax((self.score(features) + self.row_bias).float(), dim=2)  # (n, k, h, w)
+            where = (attention * self.rows).sum(2)  # (n, k, w)
+            spread = ((attention * (self.rows - where.unsqueeze(2)) ** 2).sum(2) + 1e-6).sqrt()
+            read = torch.einsum("nkhw,nchw->nwkc", attention.to(features.dtype), features)
+            n, c, h, w = features.shape
+            column = torch.cat([where.transpose(1, 2).to(read.dtype), spread.transpose(1, 2).to(read.dtype),
+                                read.reshape(n, w, -1), features.mean(2).transpose(1, 2)], dim=2)
+            x = torch.cat([self.cls.expand(n, -1, -1), self.token(column)], dim=1) + self.position
+            return self.head(self.norm(self.blocks(x))[:, 0])
+
+    return ProfileTower()
+
+
+TOWERS = ("chartclip", "convstem", "plain", "cnn", "columns", "profile", *HYBRID_STAGES)
+
+
 def build_tower(kind: str):
     from timm.models.vision_transformer import VisionTransformer
 
-    from vlm_assets.image_tower import chart_vit_s32_convstem
+    from vlm_assets.image_tower import chart_vit_s32_hybrid
 
+    if kind == "chartclip":
+        return chart_vit_s32_hybrid()
     if kind == "convstem":
-        return chart_vit_s32_convstem()
+        return _convstem_tower()
     if kind == "cnn":
         return _plain_cnn()
     if kind == "columns":
         return _column_tower()
+    if kind == "profile":
+        return _profile_tower()
+    if kind in HYBRID_STAGES:
+        return _hybrid_tower(HYBRID_STAGES[kind])
     return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
                              global_pool="token", pre_norm=True, num_classes=0)
 
@@ -151,7 +235,7 @@ def run(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts"))
-    parser.add_argument("--tower", choices=("convstem", "plain", "cnn", "columns"), default="convstem")
+    parser.add_argument("--tower", choices=TOWERS, default="chartclip")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)

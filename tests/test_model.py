@@ -27,10 +27,15 @@ def chart_png():
     return render_png(bars)
 
 
-def test_chartclip_s_has_a_small_conv_stem_vit_and_the_offline_minilm_text_tower(clip, chart_png):
+def test_chartclip_s_has_a_small_hybrid_vit_and_the_offline_minilm_text_tower(clip, chart_png):
+    from vlm_assets.image_tower import TRUNK_STAGES
+
     trunk = clip.model.visual.trunk
-    assert len(trunk.blocks) == 6 and trunk.embed_dim == 256 and trunk.patch_embed.grid_size == (7, 7)
+    assert len(trunk.blocks) == 2 and trunk.embed_dim == 256 and trunk.patch_embed.grid_size == (7, 7)
     assert isinstance(trunk.patch_embed.proj[0], torch.nn.InstanceNorm2d)  # per-image standardization comes first
+    convolutions = [m for m in trunk.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert len(convolutions) == sum(n for _, _, n in TRUNK_STAGES) == 8
+    assert [m.stride[0] for m in convolutions].count(2) == 5  # 224 px -> 7x7 tokens
     with torch.no_grad():
         images = clip.encode_images([chart_png, chart_png])
         texts = clip.encode_texts(["a hammer after a decline", "no candlestick pattern"])

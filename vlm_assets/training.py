@@ -59,7 +59,7 @@ class StreamConfig:
     composite_share: float = 0.2  # windows drawn with their higher-timeframe panel
     # Style curriculum: the share of randomized styles (the rest use the dataset's fixed preset) moves linearly from
     # `randomized_start` to `randomized_end` over the first `style_ramp` of the run. Off by default: the dataset's
-    # charts are all randomized, and the conv-stem tower learns on the full variety from the first step.
+    # charts are all randomized, and the standardized convolutional tower learns on all of them from the first step.
     randomized_start: float = 1.0
     randomized_end: float = 1.0
     style_ramp: float = 0.0

@@ -22,7 +22,7 @@ from vlm_assets.storage import atomic_write
 BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 ONNX_FILES = {"onnx-fp32": "image_encoder.onnx", "onnx-int8": "image_encoder.int8.onnx"}
 # Only matrix products get int8 weights: ONNX Runtime's integer convolution (ConvInteger) ran slower than fp32 on
-# the conv stem here, while int8 MatMul halves the transformer's time (docs/benchmarks.md).
+# the convolutional trunk here, while int8 MatMul halves the transformer's time (docs/benchmarks.md).
 INT8_OPS = ["MatMul", "Gemm"]
 
 
