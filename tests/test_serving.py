@@ -115,6 +115,13 @@ def test_promotion_scores_through_the_serving_path_and_keeps_every_version(promo
     with pytest.raises(ValueError, match="cannot be served by this version.*weights do not fit ChartCLIP-S"):
         promotion.rollback(to=foreign_tag, name=NAME)
     assert str(promotion.promoted(NAME).tag) == good and len(promotion.history(NAME)) == 5
+    # An incumbent this code cannot score does not block a promotion, and the reason says so.
+    promotion.save_to_store(foreign, json.loads((foreign / "bundle.json").read_text()),
+                            json.loads(versions[0].info.metadata["test_metrics"]), NAME)
+    replaced = promote(root)
+    assert replaced["decision"].value == "promoted" and len(promotion.history(NAME)) == 7
+    assert "cannot be scored by this code" in replaced["reason"].value
+    assert replaced["reason"].value.endswith("promoted without a comparison")
 
 
 def test_predictor_answers_trained_library_and_free_text_patterns(promoted):

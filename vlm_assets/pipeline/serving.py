@@ -74,8 +74,8 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
                 incumbent_note = f"promoted {incumbent.tag} cannot be scored by this code ({error})"
                 context.log.warning(incumbent_note)
         promote, reason = rule.decide(candidate, incumbent_metrics)
-        if incumbent_note:
-            reason = f"{incumbent_note}; {reason}"
+        if incumbent_note:  # decide() saw no incumbent; say why there was none to compare with
+            reason = f"{incumbent_note}; " + ("forced by config" if config.force else "promoted without a comparison")
         tag = promotion.save_to_store(scratch, manifest, candidate, config.model_name) if promote \
             else str(incumbent.tag)
     context.log.info(f"{'promoted' if promote else 'kept'} {tag}: {reason}")
