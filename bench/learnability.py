@@ -1,13 +1,13 @@
 """Can an image tower learn candles from the training stream? A supervised probe, no text involved.
 
-    python bench/learnability.py [--root artifacts] [--tower chartclip|convstem|...] [--steps 1000] [--style-share 1.0]
+    python bench/learnability.py [--root artifacts] [--tower convstem|hybrid|...] [--steps 1000] [--style-share 1.0]
 
 Trains the image tower plus one linear head on the training stream of `vlm_assets.training` (charts rendered from
 the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
 anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
-the core patterns (stored dataset images). `chartclip` is ChartCLIP-S's tower (vlm_assets.image_tower); the others
-are the towers it was chosen against: `convstem` (the tower until 2026-12-03), `plain` (a ViT with one 32x32 linear
-patch embedding), `cnn`, `columns`, `profile` and two trunk widths of the hybrid. Needs the data assets in --root
+the core patterns (stored dataset images). `convstem` is ChartCLIP-S's tower and `hybrid` ChartCLIP-S-hybrid's
+(vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one 32x32 linear patch
+embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
 (`candle-vlm run` or bench/dataset.py).
 """
 
@@ -42,32 +42,12 @@ def _plain_cnn():
 
 
 def _hybrid_tower(stages):
-    """ChartCLIP-S's tower (two transformer blocks over a convolutional trunk) with other trunk widths."""
+    """ChartCLIP-S-hybrid's tower (two transformer blocks over a convolutional trunk) with other trunk widths."""
     import functools
 
     from vlm_assets.image_tower import ConvTrunkPatchEmbed, chart_vit_s32_hybrid
 
     return chart_vit_s32_hybrid(embed_layer=functools.partial(ConvTrunkPatchEmbed, stages=stages))
-
-
-def _convstem_tower():
-    """ChartCLIP-S's tower until 2026-12-03: one stride-2 3x3 convolution per stage (16, 32, 64, 128 channels, then
-    straight to the width 256) and six transformer blocks."""
-    import torch
-    from timm.layers import PatchEmbed
-    from timm.models.vision_transformer import VisionTransformer
-
-    from vlm_assets.image_tower import conv_trunk
-
-    class ConvStem(PatchEmbed):
-        def __init__(self, **kwargs):
-            super().__init__(**kwargs)
-            stem = conv_trunk(((3, 16, 1), (16, 32, 1), (32, 64, 1), (64, 128, 1)))
-            self.proj = torch.nn.Sequential(*stem, torch.nn.Conv2d(128, kwargs["embed_dim"], 3, stride=2, padding=1,
-                                                                   bias=kwargs.get("bias", True)))
-
-    return VisionTransformer(img_size=224, patch_size=32, embed_dim=256, depth=6, num_heads=4, class_token=True,
-                             global_pool="token", pre_norm=True, num_classes=0, embed_layer=ConvStem)
 
 
 def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
@@ -146,18 +126,18 @@ def _profile_tower(width: int = 192, depth: int = 4, heads: int = 4, readers: in
     return ProfileTower()
 
 
-TOWERS = ("chartclip", "convstem", "plain", "cnn", "columns", "profile", *HYBRID_STAGES)
+TOWERS = ("convstem", "hybrid", "plain", "cnn", "columns", "profile", *HYBRID_STAGES)
 
 
 def build_tower(kind: str):
     from timm.models.vision_transformer import VisionTransformer
 
-    from vlm_assets.image_tower import chart_vit_s32_hybrid
+    from vlm_assets.image_tower import chart_vit_s32_convstem, chart_vit_s32_hybrid
 
-    if kind == "chartclip":
-        return chart_vit_s32_hybrid()
     if kind == "convstem":
-        return _convstem_tower()
+        return chart_vit_s32_convstem()
+    if kind == "hybrid":
+        return chart_vit_s32_hybrid()
     if kind == "cnn":
         return _plain_cnn()
     if kind == "columns":
@@ -235,7 +215,7 @@ def run(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts"))
-    parser.add_argument("--tower", choices=TOWERS, default="chartclip")
+    parser.add_argument("--tower", choices=TOWERS, default="convstem")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)

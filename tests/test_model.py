@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_assets.model import CHARTCLIP_S, ModelSpec, create, load_checkpoint, resolve_device, save_checkpoint
+from vlm_assets.model import (CHARTCLIP_S, CHARTCLIP_S_HYBRID, ModelSpec, create, load_checkpoint, resolve_device,
+                               save_checkpoint)
 from vlm_assets.rendering import render_png
 from vlm_assets.text_encoder import MiniLMEncoder
 
@@ -27,15 +28,19 @@ def chart_png():
     return render_png(bars)
 
 
-def test_chartclip_s_has_a_small_hybrid_vit_and_the_offline_minilm_text_tower(clip, chart_png):
-    from vlm_assets.image_tower import TRUNK_STAGES
+@pytest.mark.parametrize("name", [CHARTCLIP_S, CHARTCLIP_S_HYBRID])
+def test_chartclip_models_have_a_small_conv_embedded_vit_and_the_offline_minilm_text_tower(name, chart_png):
+    from vlm_assets.image_tower import STEM_STAGES, TRUNK_STAGES
 
+    clip = create(ModelSpec(name), device="cpu")
     trunk = clip.model.visual.trunk
-    assert len(trunk.blocks) == 2 and trunk.embed_dim == 256 and trunk.patch_embed.grid_size == (7, 7)
+    blocks, convolutions = {CHARTCLIP_S: (6, len(STEM_STAGES) + 1), CHARTCLIP_S_HYBRID: (2, 8)}[name]
+    assert len(trunk.blocks) == blocks and trunk.embed_dim == 256 and trunk.patch_embed.grid_size == (7, 7)
     assert isinstance(trunk.patch_embed.proj[0], torch.nn.InstanceNorm2d)  # per-image standardization comes first
-    convolutions = [m for m in trunk.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
-    assert len(convolutions) == sum(n for _, _, n in TRUNK_STAGES) == 8
-    assert [m.stride[0] for m in convolutions].count(2) == 5  # 224 px -> 7x7 tokens
+    layers = [m for m in trunk.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert len(layers) == convolutions and [m.stride[0] for m in layers].count(2) == 5  # 224 px -> 7x7 tokens
+    if name == CHARTCLIP_S_HYBRID:
+        assert convolutions == sum(n for _, _, n in TRUNK_STAGES)
     with torch.no_grad():
         images = clip.encode_images([chart_png, chart_png])
         texts = clip.encode_texts(["a hammer after a decline", "no candlestick pattern"])
@@ -58,6 +63,20 @@ def test_checkpoint_round_trip_gives_identical_outputs(clip, chart_png, tmp_path
         assert torch.equal(loaded.encode_images([chart_png]), clip.encode_images([chart_png]))
         assert torch.equal(loaded.encode_texts(["doji"]), clip.encode_texts(["doji"]))
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_checkpoint_loads_as_the_model_it_was_saved_from_and_a_misfit_is_a_clear_error(chart_png, tmp_path):
+    hybrid = create(ModelSpec(CHARTCLIP_S_HYBRID), device="cpu", seed=3)
+    path = save_checkpoint(hybrid, tmp_path / "model.safetensors")
+    loaded, _ = load_checkpoint(path, device="cpu")
+    assert loaded.spec.name == CHARTCLIP_S_HYBRID
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_images([chart_png]), hybrid.encode_images([chart_png]))
+    # The same weights under the other tower's name (as a checkpoint from before an architecture change reads).
+    sidecar = tmp_path / "model.safetensors.json"
+    sidecar.write_text(sidecar.read_text().replace(CHARTCLIP_S_HYBRID, CHARTCLIP_S))
+    with pytest.raises(ValueError, match="weights do not fit ChartCLIP-S as this version builds it"):
+        load_checkpoint(path, device="cpu")
 
 
 def test_any_open_clip_model_loads_from_a_local_checkpoint(tmp_path, chart_png):

