@@ -279,13 +279,13 @@ def rollback(to: str | None = None, name: str = MODEL_NAME) -> str:
     else:
         target = bentoml.models.get(to if ":" in to else f"{name}:{to}")
     current = versions[-1]
+    try:  # a version this code cannot serve (another rendering or architecture) must not become current
+        Predictor(target.path, device="cpu")
+    except ValueError as error:
+        raise ValueError(f"{target.tag} cannot be served by this version of candle-vlm: {error}") from None
     with tempfile.TemporaryDirectory() as scratch:
         copy = Path(scratch) / "bundle"
         shutil.copytree(target.path, copy, ignore=shutil.ignore_patterns("model.yaml"))
-        try:  # a version this code cannot serve (another rendering or architecture) must not become current
-            Predictor(copy, device="cpu")
-        except ValueError as error:
-            raise ValueError(f"{target.tag} cannot be served by this version of candle-vlm: {error}") from None
         manifest = json.loads((copy / "bundle.json").read_text())
         metrics = json.loads(target.info.metadata["test_metrics"])
         return save_to_store(copy, manifest, metrics, name,
