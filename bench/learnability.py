@@ -50,6 +50,39 @@ def _hybrid_tower(stages):
     return chart_vit_s32_hybrid(embed_layer=functools.partial(ConvTrunkPatchEmbed, stages=stages))
 
 
+def _strided_stem(stages):
+    """The standardized input and one 3x3 convolution (BatchNorm, ReLU) per (in, out, (stride_h, stride_w)) stage."""
+    import torch
+
+    layers = [torch.nn.InstanceNorm2d(3)]
+    for c_in, c_out, stride in stages:
+        layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                   torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
+    return torch.nn.Sequential(*layers)
+
+
+def _column_readout(width: int, depth: int, heads: int, columns: int = 56):
+    """Column tokens (n, columns, width) -> a 256-d embedding: class token, learned positions, a 1-D transformer."""
+    import torch
+
+    class ColumnReadout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
+            self.position = torch.nn.Parameter(torch.randn(1, columns + 1, width) * 0.02)
+            block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                                     batch_first=True, norm_first=True)
+            self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+            self.norm = torch.nn.LayerNorm(width)
+            self.head = torch.nn.Linear(width, 256)
+
+        def forward(self, tokens):
+            x = torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1) + self.position
+            return self.head(self.norm(self.blocks(x))[:, 0])
+
+    return ColumnReadout()
+
+
 def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
     """Columns as tokens: a conv stem that halves the height four times but the width only twice, each of the 56
     column strips (full chart height, 4 px wide) flattened into one token, and a 1-D transformer across the columns
@@ -59,57 +92,35 @@ def _column_tower(width: int = 192, depth: int = 4, heads: int = 4):
     class ColumnTower(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            layers = [torch.nn.InstanceNorm2d(3)]
-            for c_in, c_out, stride in ((3, 16, (2, 2)), (16, 32, (2, 1)), (32, 64, (2, 2)), (64, 64, (2, 1))):
-                layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                           torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
-            self.stem = torch.nn.Sequential(*layers)  # (n, 64, 14, 56)
-            self.token = torch.nn.Linear(64 * 14, width)
-            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
-            self.position = torch.nn.Parameter(torch.randn(1, 57, width) * 0.02)
-            block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                     batch_first=True, norm_first=True)
-            self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
-            self.norm = torch.nn.LayerNorm(width)
-            self.head = torch.nn.Linear(width, 256)
+            self.stem = _strided_stem(((3, 16, (2, 2)), (16, 32, (2, 1)), (32, 64, (2, 2)), (64, 64, (2, 1))))
+            self.token = torch.nn.Linear(64 * 14, width)  # the stem gives (n, 64, 14, 56)
+            self.readout = _column_readout(width, depth, heads)
 
         def forward(self, pixels):
             x = self.stem(pixels)
             n, c, h, w = x.shape
-            x = self.token(x.permute(0, 3, 1, 2).reshape(n, w, c * h))
-            x = torch.cat([self.cls.expand(n, -1, -1), x], dim=1) + self.position
-            return self.head(self.norm(self.blocks(x))[:, 0])
+            return self.readout(self.token(x.permute(0, 3, 1, 2).reshape(n, w, c * h)))
 
     return ColumnTower()
 
 
 def _profile_tower(width: int = 192, depth: int = 4, heads: int = 4, readers: int = 12):
-    """Columns read as coordinates: a conv stem that halves the height once and the width twice, then per
-    4-px column `readers` soft-argmax heads, each a softmax over the 112 rows (2 px each) of a learned score (features plus a
-    learned per-row bias, so a head can learn "topmost ink" or "lowest body pixel"). Each head gives a sub-pixel
-    row coordinate, its spread and the features it attends to; these make the column's token, and a 1-D
+    """Columns read as coordinates: a conv stem that halves the height once and the width twice, then per 4-px
+    column `readers` soft-argmax heads, each a softmax over the 112 rows (2 px each) of a learned score (features
+    plus a learned per-row bias, so a head can learn "topmost ink" or "lowest body pixel"). Each head gives a
+    sub-pixel row coordinate, its spread and the features it attends to; these make the column's token, and a 1-D
     transformer compares the columns (class-token readout)."""
     import torch
 
     class ProfileTower(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            layers = [torch.nn.InstanceNorm2d(3)]
-            for c_in, c_out, stride in ((3, 16, (2, 2)), (16, 32, (1, 2))):
-                layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                           torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(inplace=True)]
-            self.stem = torch.nn.Sequential(*layers)  # (n, 32, 112, 56)
+            self.stem = _strided_stem(((3, 16, (2, 2)), (16, 32, (1, 2))))  # (n, 32, 112, 56)
             self.score = torch.nn.Conv2d(32, readers, 1)
             self.row_bias = torch.nn.Parameter(torch.zeros(1, readers, 112, 1))
             self.register_buffer("rows", torch.linspace(0.0, 1.0, 112).view(1, 1, 112, 1), persistent=False)
             self.token = torch.nn.Linear(readers * (2 + 32) + 32, width)
-            self.cls = torch.nn.Parameter(torch.zeros(1, 1, width))
-            self.position = torch.nn.Parameter(torch.randn(1, 57, width) * 0.02)
-            block = torch.nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                                     batch_first=True, norm_first=True)
-            self.blocks = torch.nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
-            self.norm = torch.nn.LayerNorm(width)
-            self.head = torch.nn.Linear(width, 256)
+            self.readout = _column_readout(width, depth, heads)
 
         def forward(self, pixels):
             features = self.stem(pixels)  # (n, c, h, w)
@@ -120,8 +131,7 @@ def _profile_tower(width: int = 192, depth: int = 4, heads: int = 4, readers: in
             n, c, h, w = features.shape
             column = torch.cat([where.transpose(1, 2).to(read.dtype), spread.transpose(1, 2).to(read.dtype),
                                 read.reshape(n, w, -1), features.mean(2).transpose(1, 2)], dim=2)
-            x = torch.cat([self.cls.expand(n, -1, -1), self.token(column)], dim=1) + self.position
-            return self.head(self.norm(self.blocks(x))[:, 0])
+            return self.readout(self.token(column))
 
     return ProfileTower()
 
