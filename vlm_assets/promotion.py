@@ -211,11 +211,13 @@ class PromotionRule:
     tolerance: float = 0.0
     force: bool = False
 
-    def decide(self, candidate: dict, incumbent: dict | None) -> tuple[bool, str]:
+    def decide(self, candidate: dict, incumbent: dict | None, unscorable: str | None = None) -> tuple[bool, str]:
+        """`unscorable`: why a promoted model exists but could not be scored; it then counts as absent."""
+        noted = f"{unscorable}; " if unscorable else ""
         if self.force:
-            return True, "forced by config"
+            return True, noted + "forced by config"
         if incumbent is None:
-            return True, "no model is promoted yet"
+            return True, noted + ("promoted without a comparison" if unscorable else "no model is promoted yet")
         margin = candidate["macro_f1"] - incumbent["macro_f1"]
         verdict = margin >= -self.tolerance
         return verdict, (f"candidate test macro F1 {candidate['macro_f1']:.4f} vs promoted {incumbent['macro_f1']:.4f} "

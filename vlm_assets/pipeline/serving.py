@@ -73,9 +73,7 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
             except (ValueError, KeyError, FileNotFoundError) as error:  # written by incompatible code
                 incumbent_note = f"promoted {incumbent.tag} cannot be scored by this code ({error})"
                 context.log.warning(incumbent_note)
-        promote, reason = rule.decide(candidate, incumbent_metrics)
-        if incumbent_note:  # decide() saw no incumbent; say why there was none to compare with
-            reason = f"{incumbent_note}; " + ("forced by config" if config.force else "promoted without a comparison")
+        promote, reason = rule.decide(candidate, incumbent_metrics, incumbent_note)
         tag = promotion.save_to_store(scratch, manifest, candidate, config.model_name) if promote \
             else str(incumbent.tag)
     context.log.info(f"{'promoted' if promote else 'kept'} {tag}: {reason}")
