@@ -35,6 +35,17 @@ def test_features_are_scale_free_and_short_windows_give_missing_values():
     assert np.isnan(short[names.index("trend_20")]) and np.isfinite(short[names.index("last_body_range")])
 
 
+def test_trend_slopes_are_least_squares_fits_in_range_units():
+    bars = _bars()
+    f = dict(zip(FEATURE_NAMES, window_features(bars)))
+    close = bars["close"].to_numpy()
+    history = (bars["high"] - bars["low"]).to_numpy()[-11:-1]
+    for lookback in (5, 10, 20):
+        segment = close[-2 - lookback:-1]  # up to the bar before the last, as the rule engine's trend
+        slope = np.polyfit(np.arange(segment.size), segment, 1)[0] / history.mean()
+        assert f[f"slope_{lookback}"] == pytest.approx(slope, rel=1e-9)
+
+
 def test_bad_bars_and_windows_are_named():
     bars = _bars()
     bars.loc[5, "low"] = bars.loc[5, "high"] * 2
