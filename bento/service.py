@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from typing_extensions import NotRequired, TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
+from vlm_assets.features import market_state
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.serving.config import ServingConfig
 from vlm_assets.serving.prediction_log import logged_embedding
@@ -205,7 +206,8 @@ class CandleVLM:
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "bars" if has_bars else "image",
                  "bars_used": window.close.size if has_bars else None}
         # A ready Response: BentoML's dict serialization rebuilds the output schema on every call.
-        return JSONResponse(await self._answer("predict_patterns", started, embedding, result, extra))
+        return JSONResponse(await self._answer("predict_patterns", started, embedding, result, extra,
+                                               None if features is None else market_state(features)))
 
     @bentoml.api(route="/query/zero_shot")
     async def query_zero_shot(self, image_base64: str, prompts: list[str]) -> dict:
@@ -240,10 +242,12 @@ class CandleVLM:
         result = self.predictor.score_patterns(embedding, list(CORE_PATTERNS), features, timeframe=timeframe)
         extra = {"symbol": symbol, "timeframe": timeframe, "input": "market", "bars_used": len(frame),
                  "last_bar": frame.index[-1].isoformat(), "embedding": [float(x) for x in embedding]}
-        return JSONResponse(await self._answer("embeddings", started, embedding, result, extra))
+        return JSONResponse(await self._answer("embeddings", started, embedding, result, extra, market_state(features)))
 
-    async def _answer(self, endpoint: str, started: float, embedding: np.ndarray, result: dict, extra: dict) -> dict:
-        """The response, written to the prediction log before it is returned."""
+    async def _answer(self, endpoint: str, started: float, embedding: np.ndarray, result: dict, extra: dict,
+                      market: dict | None = None) -> dict:
+        """The response, written to the prediction log before it is returned; the log also keeps the `market` state
+        of requests with bars (vlm_assets.features.MARKET_FEATURES) for drift monitoring."""
         request_id = uuid.uuid4().hex
         answer = {"request_id": request_id, "model_version": self.model_version,
                   "embedding_id": _embedding_id(embedding), **result, **extra}
@@ -253,6 +257,8 @@ class CandleVLM:
                   "embedding": logged_embedding(embedding), "probabilities": result["probabilities"],
                   "calibrated": result["calibrated"], "latency_ms": answer["latency_ms"],
                   **{k: v for k, v in extra.items() if k != "embedding"}}
+        if market is not None:
+            record["market"] = market
         if "signal" in result:
             record["signal"] = {k: result["signal"][k] for k in ("direction", "confidence", "gated")}
         logged = time.perf_counter()

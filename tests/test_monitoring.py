@@ -3,6 +3,7 @@ alert check with its alerts log and a real webhook, the schedules and sensor, an
 assets on the tiny pipeline; the promoted model is this module's own ("monitoring_test") in the session's private
 model store; prediction logs are written in the service's format from real answers of that model."""
 
+import dataclasses
 import datetime as dt
 import http.server
 import json
@@ -17,6 +18,7 @@ from dagster import (
 
 from bench.common import check_outcomes, free_port
 from vlm_assets import promotion
+from vlm_assets.features import MARKET_FEATURES, market_state
 from vlm_assets.monitoring import alerts as al
 from vlm_assets.monitoring import drift
 from vlm_assets.monitoring import reference as ref_lib
@@ -75,7 +77,7 @@ def request_time(window: pd.DataFrame, timeframe: str) -> pd.Timestamp:
 
 
 def synthetic_log(directory, predictor, reference, charts, style=None, latency_scale=1.0, embedding_shift=0.0,
-                  probability_shift=0.0):
+                  probability_shift=0.0, market_scale=1.0):
     """Every chart as one request at its `request_time` (even ones with bars, odd ones as a screenshot in `style`),
     answered by the model as the service answers; latency like the reference's measured serving times, or with
     `latency_scale` its P95 times that. The tiny model embeds every chart almost alike (a few training steps), so a drift of the
@@ -111,16 +113,18 @@ def synthetic_log(directory, predictor, reference, charts, style=None, latency_s
         latencies[timed] = np.random.default_rng(1).permutation(spread)
     log = PredictionLog(directory, fsync=False)
     for i, ((_, timeframe, window), kind) in enumerate(zip(charts, kinds)):
+        # The bars' market state as the service logs it; `market_scale` moves prices that much more per bar.
+        state = {k: v * market_scale for k, v in market_state(predictor.features([window])[0]).items()}
         log.append(sim.prediction_record(f"r{i}", request_time(window, timeframe), reference.model,
                                          embeddings[i], probabilities[i], latencies[i],
-                                         f"C{i % CLIENT_SYMBOLS:02d}", timeframe, kind, len(window)))
+                                         f"C{i % CLIENT_SYMBOLS:02d}", timeframe, kind, len(window), state))
     log.close()
 
 
 @pytest.fixture(scope="module")
 def logs(reference, tmp_path_factory):
     """A clean and a drifted week of the log: other test-period charts than the reference's; the drifted one has its
-    screenshots in another theme, moved embeddings and answers, and three times the latency."""
+    screenshots in another theme, moved embeddings and answers, three times the latency and twice the volatility."""
     root, ref, _ = reference
     artifacts = ArtifactStore(root)
     settings = artifacts.read_json(f"chart_images/{artifacts.current_version('chart_images')}/settings.json")
@@ -132,7 +136,7 @@ def logs(reference, tmp_path_factory):
     base = tmp_path_factory.mktemp("logs")
     synthetic_log(base / "clean", predictor, ref, charts)
     synthetic_log(base / "drifted", predictor, ref, charts, PRESETS[DRIFT_THEME], latency_scale=3.0,
-                  embedding_shift=0.5, probability_shift=0.3)
+                  embedding_shift=0.5, probability_shift=0.3, market_scale=2.0)
     return base, pd.Timestamp(WEEK, tz="UTC") + pd.Timedelta(days=5), len(charts)
 
 
@@ -179,15 +183,19 @@ def test_weekly_report_on_a_clean_and_a_drifted_log(reference, logs, tmp_path):
     clean = report_run(root, base / "clean", tmp_path / "state-clean")
     metrics = artifacts.read_json(f"drift_report/{WEEK}/{artifacts.current_version(f'drift_report/{WEEK}')}/metrics.json")
     assert check_outcomes(clean) == {f"{m}_within_threshold": True for m in (
-        "centroid_shift", "cosine_variance_increase", "prediction_psi", "latency_p95_ratio", "recall_drop")} | \
-        {"enough_data": True}, (metrics["metrics"], metrics["predictions"])
+        "centroid_shift", "cosine_variance_increase", "prediction_psi", "market_psi", "latency_p95_ratio",
+        "recall_drop")} | {"enough_data": True}, (metrics["metrics"], metrics["predictions"], metrics["market"])
     assert metrics["partition"] == WEEK and metrics["model"] == ref.model
     assert metrics["records"] == n and metrics["charts"] == n
     assert metrics["inputs"] == {"bars": (n + 1) // 2, "image": n // 2}
     assert metrics["thresholds"] == {"centroid_shift": 0.15, "cosine_variance_increase": 0.2, "recall_drop": 0.05,
-                                     "latency_p95_ratio": 2.0, "prediction_psi": 0.25}
-    assert set(metrics["metrics"]) == {"centroid_shift", "cosine_variance_increase", "prediction_psi",
+                                     "latency_p95_ratio": 2.0, "prediction_psi": 0.25, "market_psi": 0.25}
+    assert set(metrics["metrics"]) == {"centroid_shift", "cosine_variance_increase", "prediction_psi", "market_psi",
                                        "latency_p95_ratio", "recall_drop"}
+    # The market state of every request with bars, against the reference's: the same test period, so alike.
+    assert metrics["market"]["answers"] == (n + 1) // 2
+    for name, median in metrics["market"]["median"].items():
+        assert median == pytest.approx(metrics["market"]["reference_median"][name], rel=0.5)
     assert all(m["sufficient"] and not m["breached"] for m in metrics["metrics"].values())
     # No scoring of the spot-check set during the week: the report scored it and recorded that in the history.
     assert metrics["metrics"]["recall_drop"]["value"] == pytest.approx(0.0, abs=1e-12)
@@ -200,8 +208,8 @@ def test_weekly_report_on_a_clean_and_a_drifted_log(reference, logs, tmp_path):
     metadata = clean.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["evidently_report"].value.endswith("report.html") and "latency_histogram" in metadata
 
-    # The drifted week: screenshots in another theme, three times the latency, and a spot-check scoring (in the
-    # history the fast check keeps) 20% under the baseline.
+    # The drifted week: screenshots in another theme, three times the latency, twice the volatility, and a
+    # spot-check scoring (in the history the fast check keeps) 20% under the baseline.
     state = tmp_path / "state-drifted"
     baseline = ref.info["spot_check"]
     al.JsonlLog(state / "spot_checks.jsonl").append([{
@@ -215,6 +223,7 @@ def test_weekly_report_on_a_clean_and_a_drifted_log(reference, logs, tmp_path):
     assert outcomes["recall_drop_within_threshold"] is False
     assert outcomes["centroid_shift_within_threshold"] is False
     assert outcomes["cosine_variance_increase_within_threshold"] is False
+    assert outcomes["market_psi_within_threshold"] is False
     severities = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.severity
                   for e in drifted.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
     assert set(severities.values()) == {AssetCheckSeverity.WARN}
@@ -222,6 +231,8 @@ def test_weekly_report_on_a_clean_and_a_drifted_log(reference, logs, tmp_path):
     assert metrics["metrics"]["latency_p95_ratio"]["value"] == pytest.approx(3.0, rel=0.35)
     assert metrics["metrics"]["recall_drop"]["value"] == pytest.approx(0.2)
     assert metrics["metrics"]["prediction_psi"]["worst"].startswith("image:")
+    for name, median in metrics["market"]["median"].items():  # prices move twice as far per bar
+        assert median == pytest.approx(2 * metrics["market"]["reference_median"][name], rel=0.5)
 
 
 class Webhook(http.server.BaseHTTPRequestHandler):
@@ -327,16 +338,17 @@ def test_schedules_jobs_and_sensor(reference, tmp_path, monkeypatch):
     assert [r.run_key for r in missing.run_requests] == [ref.model]
 
 
-def log_window(vectors, symbols, probabilities=None, latency_ms=None) -> drift.LogWindow:
+def log_window(vectors, symbols, probabilities=None, latency_ms=None, market=None) -> drift.LogWindow:
     """Answers of /predict/patterns requests with bars on 5m charts of model "m", one per embedding row."""
     n = len(vectors)
+    market = np.full((n, len(MARKET_FEATURES)), np.nan) if market is None else market
     return drift.LogWindow(np.arange(n).astype("datetime64[ns]"), vectors.astype(np.float32),
                            np.array([f"e{i}" for i in range(n)], dtype=object), np.full(n, "5m", dtype=object),
                            np.full(n, "bars", dtype=object),
                            np.full((n, 9), 0.1) if probabilities is None else probabilities,
                            np.full(n, 10.0) if latency_ms is None else latency_ms,
                            np.full(n, "predict_patterns", dtype=object), np.full(n, "m", dtype=object),
-                           np.array(symbols, dtype=object))
+                           np.array(symbols, dtype=object), market)
 
 
 def test_drift_statistics_are_judged_net_of_sampling_noise():
@@ -365,6 +377,37 @@ def test_drift_statistics_are_judged_net_of_sampling_noise():
     moved = log_window(centre + 0.5 + rng.normal(0, 0.3, (300, 16)), np.repeat([f"S{i}" for i in range(30)], 10))
     stats = drift.embedding_statistics(reference, moved, drift.Minimums(charts=20))
     assert stats["centroid_shift_judged"] > 0.5 * stats["centroid_shift"] > 0.15
+
+
+def test_market_shift_watches_the_bars_own_volatility():
+    rng = np.random.default_rng(3)
+
+    def states(symbols: int, per_symbol: int, scale: float = 1.0) -> np.ndarray:
+        """Log-normal volatility and range/price, each symbol with its own level (its market's regime)."""
+        level = np.repeat(rng.normal(0, 0.3, symbols), per_symbol)[:, None]
+        return scale * np.exp(np.log([0.002, 0.003]) + level + rng.normal(0, 0.2, (symbols * per_symbol, 2)))
+
+    table = pd.DataFrame({"timeframe": ["5m"] * 1200, "latency_ms": 10.0}
+                         | {c: 0.1 for s in ref_lib.SEGMENTS for c in ref_lib.probability_columns(s)})
+    reference = ref_lib.Reference(table.assign(**dict(zip(ref_lib.MARKET_COLUMNS, states(40, 30).T))),
+                                  rng.normal(size=(1200, 8)).astype(np.float32), {"model": "m"})
+    symbols = np.repeat([f"S{i}" for i in range(40)], 10)
+    vectors = rng.normal(size=(400, 8))
+    calm = drift.market_shift(reference, log_window(vectors, symbols, market=states(40, 10)))
+    assert calm["sufficient"] and calm["answers"] == 400
+    assert max(calm["psi_judged"].values()) == 0.0, calm
+    moved = drift.market_shift(reference, log_window(vectors, symbols, market=states(40, 10, scale=2.0)))
+    assert min(moved["psi_judged"].values()) > 0.25, moved
+    assert moved["median"]["volatility"] == pytest.approx(2 * moved["reference_median"]["volatility"], rel=0.25)
+    # Screenshots carry no bars, a window without the history no state; a reference from before has none at all.
+    shots = log_window(vectors, symbols, market=states(40, 10, scale=2.0))
+    shots = dataclasses.replace(shots, segment=np.full(400, "image", dtype=object))
+    assert drift.market_shift(reference, shots) == {"answers": 0, "sufficient": False}
+    unknown = np.full((400, 2), np.nan)
+    assert not drift.market_shift(reference, log_window(vectors, symbols, market=unknown))["sufficient"]
+    before = drift.market_shift(ref_lib.Reference(table, reference.embeddings, {"model": "m"}),
+                                log_window(vectors, symbols, market=states(40, 10)))
+    assert not before["sufficient"] and "rebuild embedding_reference" in before["reason"]
 
 
 def test_psi_alert_state_trading_hours_and_bad_input():

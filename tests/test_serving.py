@@ -21,6 +21,7 @@ from PIL import Image
 from bench.common import Server, bad_requests, check_outcomes, png_base64, synthetic_bars, worker_pids
 from vlm_assets import promotion
 from vlm_assets.cli import main as cli
+from vlm_assets.features import FEATURE_NAMES, MARKET_FEATURES
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.pipeline.checks import SERVING_CHECKS
 from vlm_assets.pipeline.serving import promoted_model
@@ -227,6 +228,9 @@ def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):
     logged = read_predictions(tmp_path / "log")
     assert list(logged["request_id"]) == [answer["request_id"]]  # only answered requests are logged
     assert logged["signal"].iloc[0] == {k: signal[k] for k in ("direction", "confidence", "gated")}
+    # The bars' market state, kept for drift monitoring (not part of the answer).
+    features = dict(zip(FEATURE_NAMES, service.predictor.features([window])[0]))
+    assert logged["market"].iloc[0] == {name: features[name] for name in MARKET_FEATURES} and "market" not in answer
 
 
 def _call(url, path, body=None, timeout=60):
@@ -322,6 +326,10 @@ def test_bentoml_serve_over_http(promoted, tmp_path):
     logged = read_predictions(log_dir)
     assert sorted(logged["request_id"]) == sorted(answered)
     assert {"embedding", "probabilities", "latency_ms", "model_version", "embedding_id"} <= set(logged.columns)
+    with_bars = logged["input"].isin(["bars", "market"])
+    assert with_bars.any() and (~with_bars).any()
+    assert logged.loc[with_bars, "market"].map(lambda state: set(state) == set(MARKET_FEATURES)).all()
+    assert logged.loc[~with_bars, "market"].isna().all()  # a screenshot has no bars, so no market state
 
 
 def test_tracing_turned_on_brings_back_the_request_spans(promoted, tmp_path):

@@ -5,6 +5,10 @@
 - prediction shift: the population stability index (PSI) of every trained pattern's probability, per input kind
   (requests with bars are answered with engineered features, chart images without), judged net of its sampling
   noise (`psi`);
+- market shift: the PSI of the market state of requests with bars (log volatility and log range over price, the
+  two features a chart drawn to its own price range hides: `vlm_assets.features.MARKET_FEATURES`), judged as the
+  prediction shift is; it watches the market itself, so a regime change shows even where the model's answers and
+  embeddings hardly move;
 - latency: P95 of the logged serving time of requests with bars over the reference's P95 (the baseline at
   promotion), judged by the P95's lower confidence bound (an order statistic);
 - recall: the spot-check set's macro recall against its baseline at promotion (`recall_metric`).
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import pandas as pd
 
+from vlm_assets.features import MARKET_FEATURES
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.monitoring.reference import SEGMENTS, UNKNOWN_TIMEFRAME, Reference
 from vlm_assets.serving.requests import pattern_key
@@ -50,6 +55,7 @@ CONFIDENCE = 0.999  # one-sided: a breach needs the statistic beyond its thresho
 # The PSI breaches when any pattern of either input kind does: each of those tests gets an equal part of 1 - CONFIDENCE
 # (Bonferroni), so the metric, not each test, is judged at CONFIDENCE.
 PSI_CONFIDENCE = 1 - (1 - CONFIDENCE) / (len(CORE_PATTERNS) * len(SEGMENTS))
+MARKET_CONFIDENCE = 1 - (1 - CONFIDENCE) / len(MARKET_FEATURES)  # the same for the market shift's tests
 PSI_NULL_DRAWS = 4000
 
 
@@ -80,6 +86,8 @@ class Thresholds:
     recall_drop: float = doc(0.05, "warn when the spot-check macro recall falls this share (or more) below baseline")
     latency_p95_ratio: float = doc(2.0, "warn when the logged P95 latency exceeds this multiple of the baseline")
     prediction_psi: float = doc(0.25, "warn when a pattern's probability PSI (any input kind) exceeds this")
+    market_psi: float = doc(0.25, "warn when the PSI of a market-state feature of requests with bars (log "
+                                  "volatility, log range over price) exceeds this")
 
     def __post_init__(self):
         require_numbers(self, "thresholds.")
@@ -111,6 +119,7 @@ class LogWindow:
     endpoint: np.ndarray
     model_version: np.ndarray
     symbol: np.ndarray  # "" where the request had none
+    market: np.ndarray  # (n, len(MARKET_FEATURES)): the bars' market state, NaN where the record has none
 
     def __len__(self) -> int:
         return len(self.time)
@@ -136,6 +145,11 @@ class LogWindow:
                 j = columns.get(pattern_key(name))
                 if j is not None and calibrated.get(name):
                     probabilities[i, j] = value
+        market = np.full((len(frame), len(MARKET_FEATURES)), np.nan)
+        if "market" in frame.columns:  # records of requests with bars, since the log kept it
+            for i, state in enumerate(frame["market"]):
+                if isinstance(state, dict):
+                    market[i] = [np.nan if state.get(name) is None else state[name] for name in MARKET_FEATURES]
         timeframe = frame["timeframe"] if "timeframe" in frame.columns else pd.Series(np.nan, index=frame.index)
         symbol = frame["symbol"] if "symbol" in frame.columns else pd.Series(np.nan, index=frame.index)
         return cls(time=pd.to_datetime(frame["time"], utc=True).dt.tz_localize(None).to_numpy("datetime64[ns]"),
@@ -145,13 +159,14 @@ class LogWindow:
                    segment=frame["input"].map(SEGMENT_OF_INPUT).to_numpy(object),
                    probabilities=probabilities, latency_ms=frame["latency_ms"].to_numpy(float),
                    endpoint=frame["endpoint"].to_numpy(object), model_version=frame["model_version"].to_numpy(object),
-                   symbol=symbol.fillna("").astype(str).to_numpy(object))
+                   symbol=symbol.fillna("").astype(str).to_numpy(object), market=market)
 
     @classmethod
     def empty(cls, dim: int = 0) -> LogWindow:
         none = np.array([], dtype=object)
         return cls(np.array([], dtype="datetime64[ns]"), np.zeros((0, dim), np.float32), none, none, none,
-                   np.zeros((0, len(CORE_PATTERNS))), np.array([]), none, none, none)
+                   np.zeros((0, len(CORE_PATTERNS))), np.array([]), none, none, none,
+                   np.zeros((0, len(MARKET_FEATURES))))
 
     def select(self, mask) -> LogWindow:
         return LogWindow(**{f.name: getattr(self, f.name)[mask] for f in fields(self)})
@@ -181,10 +196,11 @@ def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, q: np.ndarray) 
 
 
 def psi(reference: np.ndarray, weights: np.ndarray, current: np.ndarray,
-        clusters: np.ndarray | None = None, bins: int = PSI_BINS) -> tuple[float, float]:
+        clusters: np.ndarray | None = None, bins: int = PSI_BINS,
+        confidence: float = PSI_CONFIDENCE) -> tuple[float, float]:
     """Population stability index of `current` against the weighted `reference`, over the reference's quantile bins
     (ties and bins narrower than PSI_MIN_BIN merged) and a bin on either side of its range: sum over bins of
-    (c - r) ln(c / r); and its sampling noise at PSI_CONFIDENCE: that of two samples of one distribution
+    (c - r) ln(c / r); and its sampling noise at `confidence`: that of two samples of one distribution
     (`_psi_null_moments`, `_scaled_quantile`), large for small samples, and larger when answers come in `clusters` (a
     symbol's charts share its market): the design effect deff is the jackknife variance of the bin shares (leave one
     cluster out) over their variance for independent answers, and the noise is that of n / deff independent answers,
@@ -221,7 +237,7 @@ def psi(reference: np.ndarray, weights: np.ndarray, current: np.ndarray,
     share = ref_share / ref_share.sum()
     mean, variance = _psi_null_moments(tuple(share.round(12)), max(round(len(current) / deff), 1),
                                        max(round(1.0 / float(weights @ weights)), 1))
-    return index, _scaled_quantile(mean, variance, deff_dof)
+    return index, _scaled_quantile(mean, variance, deff_dof, confidence)
 
 
 def _psi_index(current_share: np.ndarray, reference_share: np.ndarray) -> np.ndarray:
@@ -243,8 +259,8 @@ def _psi_null_moments(share: tuple[float, ...], answers: int, reference_answers:
     return float(null.mean()), float(null.var())
 
 
-def _scaled_quantile(mean: float, variance: float, scale_dof: float) -> float:
-    """The PSI_CONFIDENCE quantile of a * chi-square(nu) with this mean and variance (Satterthwaite; the quantile is
+def _scaled_quantile(mean: float, variance: float, scale_dof: float, confidence: float) -> float:
+    """The `confidence` quantile of a * chi-square(nu) with this mean and variance (Satterthwaite; the quantile is
     beyond what the simulated draws resolve). Its scale carries the design effect, itself estimated with `scale_dof`
     degrees of freedom, so the quantile is that of a * nu * F(nu, scale_dof), as for the centroid shift."""
     from scipy.stats import chi2, f
@@ -253,8 +269,8 @@ def _scaled_quantile(mean: float, variance: float, scale_dof: float) -> float:
         return mean
     scale, dof = variance / (2 * mean), 2 * mean**2 / variance
     if math.isinf(scale_dof):
-        return scale * float(chi2.ppf(PSI_CONFIDENCE, dof))
-    return scale * dof * float(f.ppf(PSI_CONFIDENCE, dof, scale_dof))
+        return scale * float(chi2.ppf(confidence, dof))
+    return scale * dof * float(f.ppf(confidence, dof, scale_dof))
 
 
 def _jackknife_dof(estimates: np.ndarray) -> float:
@@ -374,6 +390,36 @@ def prediction_shift(reference: Reference, window: LogWindow, minimums: Minimums
     return out
 
 
+def market_shift(reference: Reference, window: LogWindow, minimums: Minimums = Minimums()) -> dict:
+    """PSI of every market-state feature (its log) of the distinct charts of requests with bars, against the
+    timeframe- and hour-matched reference (a 1m chart at the open moves more than a 1h chart at noon)."""
+    ref = reference.market()
+    if ref is None:
+        return {"answers": 0, "sufficient": False, "reason": "the reference predates the market state: rebuild "
+                "embedding_reference"}
+    known = np.isfinite(window.market).all(axis=1) & (window.market > 0).all(axis=1)
+    answered = window.select(window.distinct(by_segment=True) & (window.segment == "bars") & known)
+    if len(answered) < minimums.segment:
+        return {"answers": len(answered), "sufficient": False}
+    weights, _ = reference.weights_for(answered.timeframe, answered.time)
+    clusters = answered.clusters()
+    scored, medians = {}, {}
+    for j, name in enumerate(MARKET_FEATURES):
+        usable = np.isfinite(ref[:, j]) & (ref[:, j] > 0) & (weights > 0)
+        if not usable.any():
+            return {"answers": len(answered), "sufficient": False,
+                    "reason": f"no reference chart of this traffic's mix has a {name}"}
+        scored[name] = psi(np.log(ref[usable, j]), weights[usable], np.log(answered.market[:, j]), clusters,
+                           confidence=MARKET_CONFIDENCE)
+        medians[name] = (float(np.median(answered.market[:, j])),
+                         float(_weighted_quantiles(ref[usable, j], weights[usable], np.array([0.5]))[0]))
+    return {"answers": len(answered), "sufficient": True,
+            "psi": {n: index for n, (index, _) in scored.items()},
+            "psi_judged": {n: max(0.0, index - noise) for n, (index, noise) in scored.items()},
+            "median": {n: current for n, (current, _) in medians.items()},
+            "reference_median": {n: ref_median for n, (_, ref_median) in medians.items()}}
+
+
 def latency(reference: Reference, window: LogWindow, minimums: Minimums = Minimums()) -> dict:
     """P50/P95 of the logged serving time of /predict/patterns requests with bars (what the reference times)."""
     served = window.latency_ms[(window.endpoint == "predict_patterns") & (window.segment == "bars")]
@@ -415,7 +461,10 @@ def drift_metrics(reference: Reference, window: LogWindow, thresholds: Threshold
     caller, from the spot-check scorings of the period)."""
     embedding = embedding_statistics(reference, window, minimums)
     predictions = prediction_shift(reference, window, minimums)
+    market = market_shift(reference, window, minimums)
     served = latency(reference, window, minimums)
+    market_worst = max(market["psi"], key=lambda n: (market["psi_judged"][n], market["psi"][n])) \
+        if market["sufficient"] else None
     scored = {(s, p): v for s, part in predictions.items() for p, v in part.get("psi", {}).items()}
     judged = {(s, p): v for s, part in predictions.items() for p, v in part.get("psi_judged", {}).items()}
     worst = max(scored, key=lambda k: (judged[k], scored[k])) if scored else None
@@ -424,7 +473,7 @@ def drift_metrics(reference: Reference, window: LogWindow, thresholds: Threshold
         "records": len(window), "charts": embedding["charts"],
         "timeframes": pd.Series(window.timeframe, dtype=object).value_counts().sort_index().to_dict(),
         "inputs": pd.Series(window.segment, dtype=object).value_counts().sort_index().to_dict(),
-        "embedding": embedding, "predictions": predictions, "latency": served,
+        "embedding": embedding, "predictions": predictions, "market": market, "latency": served,
         "metrics": {
             **{name: _metric(embedding[name] if sufficient else None, getattr(thresholds, name),
                              sufficient and embedding[f"{name}_judged"] > getattr(thresholds, name),
@@ -434,6 +483,10 @@ def drift_metrics(reference: Reference, window: LogWindow, thresholds: Threshold
                                       bool(worst) and judged[worst] > thresholds.prediction_psi,
                                       **({"judged": judged[worst], "worst": f"{worst[0]}:{worst[1]}"}
                                          if worst else {})),
+            "market_psi": _metric(market["psi"][market_worst] if market_worst else None, thresholds.market_psi,
+                                  bool(market_worst) and market["psi_judged"][market_worst] > thresholds.market_psi,
+                                  **({"judged": market["psi_judged"][market_worst], "worst": market_worst}
+                                     if market_worst else {})),
             "latency_p95_ratio": _metric(served.get("ratio"), thresholds.latency_p95_ratio,
                                          served.get("ratio_judged", 0.0) > thresholds.latency_p95_ratio,
                                          **({"judged": served["ratio_judged"]} if served["sufficient"] else {})),

@@ -6,8 +6,8 @@ to meet per-pattern quotas, while the service draws every chart from bars in the
 patterns at their natural rate. Comparing served charts with the stored test charts would report drift from the
 first request. The reference therefore takes windows ending at uniformly drawn bars inside the test split's time
 blocks (never trained on), `render_bars` long, and answers each as a `/predict/patterns` request with bars: the
-embedding, the fused probabilities (and the image-only ones a screenshot of that chart would get) and the serving
-time of that request.
+embedding, the fused probabilities (and the image-only ones a screenshot of that chart would get), the market state
+of its bars (`vlm_assets.features.market_state`) and the serving time of that request.
 
 Embeddings of different timeframes differ a lot (a 1m chart is not a 1h chart), and so do charts of different hours
 of the session (an intraday chart at the open shows the overnight gap and the opening volatility). The reference
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from vlm_assets.dataset import calendar_blocks, symbol_origins
+from vlm_assets.features import MARKET_FEATURES, market_state
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.market.timeframes import INTRADAY_MINUTES, bar_end
 from vlm_assets.storage import parquet_bytes
@@ -36,6 +37,9 @@ SEGMENTS = ("bars", "image")  # a request with bars (engineered features join th
 UNKNOWN_TIMEFRAME = "?"  # records without a timeframe (zero-shot queries)
 # Timeframes whose charts are matched by session hour: their request comes within a bar of the chart's last close.
 HOURLY_TIMEFRAMES = [tf for tf, minutes in INTRADAY_MINUTES.items() if minutes <= 15]
+
+
+MARKET_COLUMNS = [f"m_{name}" for name in MARKET_FEATURES]  # the market state of each reference chart's bars
 
 
 def probability_columns(segment: str) -> list[str]:
@@ -137,9 +141,9 @@ def bars_payload(window: pd.DataFrame) -> list[dict]:
                                                             for k in ("open", "high", "low", "close", "volume")))]
 
 
-def serve_bars(predictor, bars: list[dict]) -> tuple[np.ndarray, dict, object]:
+def serve_bars(predictor, bars: list[dict]) -> tuple[np.ndarray, dict, object, np.ndarray]:
     """The service's /predict/patterns path for a request with bars (validation, chart, encoder, features, fusion):
-    (embedding, answer, chart image)."""
+    (embedding, answer, chart image, engineered features)."""
     from vlm_assets.serving.requests import parse_bar_arrays
 
     window = predictor.window(parse_bar_arrays(bars)[1])
@@ -147,7 +151,7 @@ def serve_bars(predictor, bars: list[dict]) -> tuple[np.ndarray, dict, object]:
     embedding = predictor.encode([image])[0]
     features = predictor.features([window])[0]
     resnet = predictor.resnet_outputs([image]) if "resnet" in predictor.sources_for(True) else None
-    return embedding, predictor.score_patterns(embedding, list(CORE_PATTERNS), features, resnet), image
+    return embedding, predictor.score_patterns(embedding, list(CORE_PATTERNS), features, resnet), image, features
 
 
 def answer_batch(predictor, images: list, windows: list | None, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +171,7 @@ def _answer(predictor, images: list, windows: list | None) -> tuple[np.ndarray, 
 
 @dataclass(frozen=True)
 class Reference:
-    table: pd.DataFrame  # one row per chart: symbol, timeframe, end, latency_ms, p_<segment>_<pattern>
+    table: pd.DataFrame  # one row per chart: symbol, timeframe, end, latency_ms, p_<segment>_<pattern>, m_<feature>
     embeddings: np.ndarray  # (n, d) float32, L2-normalized
     info: dict  # model tag, bundle, encoder, sampling, spot-check baseline, summary statistics
 
@@ -177,6 +181,13 @@ class Reference:
 
     def probabilities(self, segment: str) -> np.ndarray:
         return self.table[probability_columns(segment)].to_numpy(float)
+
+    def market(self) -> np.ndarray | None:
+        """(n, len(MARKET_FEATURES)) market state of the reference charts' bars (NaN where a window lacks the
+        history); None for a reference built before it was kept."""
+        if not set(MARKET_COLUMNS) <= set(self.table.columns):
+            return None
+        return self.table[MARKET_COLUMNS].to_numpy(float)
 
     @cached_property
     def strata(self) -> np.ndarray:
@@ -238,13 +249,14 @@ def replay(predictor, charts: list[tuple[str, str, pd.DataFrame]], info: dict, p
     for done, (symbol, timeframe, window) in enumerate(charts, start=1):
         payload = bars_payload(window)
         started = time.perf_counter()
-        embedding, answer, image = serve_bars(predictor, payload)
+        embedding, answer, image, features = serve_bars(predictor, payload)
         latency_ms = (time.perf_counter() - started) * 1000
         resnet = predictor.resnet_outputs([image]) if "resnet" in predictor.sources_for(False) else None
         image_only = predictor.trained(embedding[None, :], None, resnet).probabilities[0]
         row = {"symbol": symbol, "timeframe": timeframe, "end": window.index[-1], "latency_ms": latency_ms}
         row |= dict(zip(probability_columns("bars"), (answer["probabilities"][p] for p in CORE_PATTERNS)))
         row |= dict(zip(probability_columns("image"), image_only.tolist()))
+        row |= {f"m_{name}": np.nan if value is None else value for name, value in market_state(features).items()}
         rows.append(row)
         embeddings.append(embedding.astype(np.float32))
         if progress is not None:

@@ -15,7 +15,7 @@ from vlm_assets.monitoring.drift import LogWindow, Minimums, Thresholds, drift_m
 from vlm_assets.monitoring.reference import SEGMENTS, Reference
 from vlm_assets.versioning import stable_rng
 
-LOG_METRICS = ("centroid_shift", "cosine_variance_increase", "prediction_psi", "latency_p95_ratio")
+LOG_METRICS = ("centroid_shift", "cosine_variance_increase", "prediction_psi", "market_psi", "latency_p95_ratio")
 EMBEDDING = "chart"
 EVIDENTLY_DECIMALS = 6
 

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
+from vlm_assets.features import market_state
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.market.synthetic import SyntheticMarketConfig, generate_market
 from vlm_assets.market.timeframes import INTRADAY_MINUTES, TIMEFRAMES, bar_end, resample
@@ -225,17 +226,19 @@ def _requests(config: StreamConfig, synthetic: SyntheticMarketConfig, bars: dict
 
 def prediction_record(request_id: str, time: pd.Timestamp, model_version: str, embedding: np.ndarray,
                       probabilities: np.ndarray, latency_ms: float, symbol: str, timeframe: str, kind: str,
-                      bars: int) -> dict:
-    """A /predict/patterns answer of the trained patterns as the service logs it (bento/service.py)."""
+                      bars: int, market: dict | None = None) -> dict:
+    """A /predict/patterns answer of the trained patterns as the service logs it (bento/service.py); `market` is
+    the market state of a request with bars (`vlm_assets.features.market_state`)."""
     from vlm_assets.serving.prediction_log import logged_embedding
     from vlm_assets.serving.predictor import embedding_id
 
-    return {"request_id": request_id, "time": time.isoformat(), "endpoint": "predict_patterns",
-            "model_version": model_version, "embedding_id": embedding_id(embedding),
-            "embedding": logged_embedding(embedding),
-            "probabilities": dict(zip(CORE_PATTERNS, map(float, probabilities))),
-            "calibrated": dict.fromkeys(CORE_PATTERNS, True), "latency_ms": round(float(latency_ms), 3),
-            "symbol": symbol, "timeframe": timeframe, "input": kind, "bars_used": bars if kind == "bars" else None}
+    record = {"request_id": request_id, "time": time.isoformat(), "endpoint": "predict_patterns",
+              "model_version": model_version, "embedding_id": embedding_id(embedding),
+              "embedding": logged_embedding(embedding),
+              "probabilities": dict(zip(CORE_PATTERNS, map(float, probabilities))),
+              "calibrated": dict.fromkeys(CORE_PATTERNS, True), "latency_ms": round(float(latency_ms), 3),
+              "symbol": symbol, "timeframe": timeframe, "input": kind, "bars_used": bars if kind == "bars" else None}
+    return record | ({"market": market} if kind == "bars" and market is not None else {})
 
 
 def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, model_version: str,
@@ -263,14 +266,16 @@ def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, m
                 images = [render_chart(todo[k][1], todo[k][2]) for k in keys]
                 windows = [todo[k][1] for k in keys] if segment == "bars" else None
                 embeddings, scores = answer_batch(predictor, images, windows)
-                cache.answers.update({(k, segment): answer for k, answer in zip(keys, zip(embeddings, scores))})
+                states = [market_state(f) for f in predictor.features(windows)] if windows else [None] * len(keys)
+                cache.answers.update({(k, segment): answer for k, answer in zip(keys, zip(embeddings, scores, states))})
             cache.encoded += len(todo)
         stamp = now.tz_localize(tz).tz_convert("UTC")
         for symbol, timeframe, kind, window, _, key in batch:
-            embedding, probabilities = cache.answers[(key, kind)]
+            embedding, probabilities, state = cache.answers[(key, kind)]
             log.append(prediction_record(content_hash(str(config.seed), repr(drift), str(records), length=32),
                                          stamp, model_version, embedding, probabilities,
-                                         latencies[records % len(latencies)], symbol, timeframe, kind, len(window)))
+                                         latencies[records % len(latencies)], symbol, timeframe, kind, len(window),
+                                         state))
             records += 1
             times.append(stamp)
     log.close()

@@ -35,9 +35,9 @@ from vlm_assets.versioning import content_hash
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 MONITORING_GROUP = "monitoring"
-REFERENCE_CODE_VERSION = "1"
-REPORT_CODE_VERSION = "1"
-ALERT_CODE_VERSION = "1"
+REFERENCE_CODE_VERSION = "2"  # 2: the market state of every reference chart's bars
+REPORT_CODE_VERSION = "2"  # 2: market_psi
+ALERT_CODE_VERSION = "2"  # 2: market_psi
 WARN = AssetCheckSeverity.WARN
 # Weeks run Monday 00:00 to Monday 00:00 UTC; the report runs at 01:00 UTC on the Monday after, before any session.
 WEEKLY = WeeklyPartitionsDefinition(start_date="2026-01-05", day_offset=1)
@@ -255,6 +255,7 @@ CHECKED_METRICS = {
     "centroid_shift": "embedding centroid shift ||mu_t - mu_ref|| / ||mu_ref||",
     "cosine_variance_increase": "increase of the variance of cosine similarity to the reference centroid",
     "prediction_psi": "prediction distribution shift (PSI) of every trained pattern, per input kind",
+    "market_psi": "market-state shift (PSI of log volatility and log range over price) of requests with bars",
     "latency_p95_ratio": "logged P95 latency over the baseline at promotion",
     "recall_drop": "spot-check macro recall drop from the baseline at promotion",
 }
