@@ -1,13 +1,13 @@
 """Can an image tower learn candles from the training stream? A supervised probe, no text involved.
 
-    python bench/learnability.py [--root artifacts] [--tower convstem|hybrid|...] [--steps 1000] [--style-share 1.0]
+    python bench/learnability.py [--root artifacts] [--tower hybrid|convstem|...] [--steps 1000] [--style-share 1.0]
 
 Trains the image tower plus one linear head on the training stream of `vlm_assets.training` (charts rendered from
 the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
 anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
-the core patterns (stored dataset images). `convstem` is ChartCLIP-S's tower and `hybrid` ChartCLIP-S-hybrid's
-(vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one 32x32 linear patch
-embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
+the core patterns (stored dataset images). `hybrid` is the tower of the default, ChartCLIP-S-hybrid, and `convstem`
+ChartCLIP-S's (vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one
+32x32 linear patch embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
 (`candle-vlm run` or bench/dataset.py).
 """
 
@@ -225,7 +225,7 @@ def run(args) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts"))
-    parser.add_argument("--tower", choices=TOWERS, default="convstem")
+    parser.add_argument("--tower", choices=TOWERS, default="hybrid")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -1,4 +1,4 @@
-"""Training throughput of the default model: contrastive steps of ChartCLIP-S in fp32 and in mixed precision.
+"""Training throughput of the default model: contrastive steps of ChartCLIP-S-hybrid in fp32 and in mixed precision.
 
     python bench/training.py [--batch 64] [--steps 12] [--threads N] [--json out.json]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_assets.model import (CHARTCLIP_S, CHARTCLIP_S_HYBRID, ModelSpec, create, load_checkpoint, resolve_device,
-                               save_checkpoint)
+from vlm_assets.model import (CHARTCLIP_S, CHARTCLIP_S_HYBRID, DEFAULT_MODEL, ModelSpec, create, load_checkpoint,
+                               resolve_device, save_checkpoint)
 from vlm_assets.rendering import render_png
 from vlm_assets.text_encoder import MiniLMEncoder
 
@@ -56,7 +56,7 @@ def test_chartclip_models_have_a_small_conv_embedded_vit_and_the_offline_minilm_
 def test_checkpoint_round_trip_gives_identical_outputs(clip, chart_png, tmp_path):
     path = save_checkpoint(clip, tmp_path / "model.safetensors", {"dataset_version": "v1-test", "metrics": {"f1": 0.5}})
     sidecar = json.loads((tmp_path / "model.safetensors.json").read_text())
-    assert sidecar["spec"]["name"] == CHARTCLIP_S and sidecar["dataset_version"] == "v1-test"
+    assert sidecar["spec"]["name"] == DEFAULT_MODEL and sidecar["dataset_version"] == "v1-test"
     loaded, meta = load_checkpoint(path, device="cpu")
     assert meta["metrics"] == {"f1": 0.5} and loaded.spec == clip.spec
     with torch.no_grad():
@@ -66,16 +66,16 @@ def test_checkpoint_round_trip_gives_identical_outputs(clip, chart_png, tmp_path
 
 
 def test_a_checkpoint_loads_as_the_model_it_was_saved_from_and_a_misfit_is_a_clear_error(chart_png, tmp_path):
-    hybrid = create(ModelSpec(CHARTCLIP_S_HYBRID), device="cpu", seed=3)
-    path = save_checkpoint(hybrid, tmp_path / "model.safetensors")
+    convstem = create(ModelSpec(CHARTCLIP_S), device="cpu", seed=3)  # not the default: the sidecar names it
+    path = save_checkpoint(convstem, tmp_path / "model.safetensors")
     loaded, _ = load_checkpoint(path, device="cpu")
-    assert loaded.spec.name == CHARTCLIP_S_HYBRID
+    assert loaded.spec.name == CHARTCLIP_S
     with torch.no_grad():
-        assert torch.equal(loaded.encode_images([chart_png]), hybrid.encode_images([chart_png]))
+        assert torch.equal(loaded.encode_images([chart_png]), convstem.encode_images([chart_png]))
     # The same weights under the other tower's name (as a checkpoint from before an architecture change reads).
     sidecar = tmp_path / "model.safetensors.json"
-    sidecar.write_text(sidecar.read_text().replace(CHARTCLIP_S_HYBRID, CHARTCLIP_S))
-    with pytest.raises(ValueError, match="weights do not fit ChartCLIP-S as this version builds it"):
+    sidecar.write_text(sidecar.read_text().replace(f'"{CHARTCLIP_S}"', f'"{CHARTCLIP_S_HYBRID}"'))
+    with pytest.raises(ValueError, match="weights do not fit ChartCLIP-S-hybrid as this version builds it"):
         load_checkpoint(path, device="cpu")
 
 

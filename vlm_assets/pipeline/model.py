@@ -53,7 +53,7 @@ class PretrainAssetConfig(TrainConfig):
                               description="windows whose anatomy captions are embedded once (locked text tower)")
     lock_text: bool = Field(default=training.PretrainConfig.lock_text,
                             description="freeze the whole text tower (captions from the pool); false: train text_layers")
-    model_name: str = Field(default=chart_model.CHARTCLIP_S, description="open_clip model name")
+    model_name: str = Field(default=chart_model.DEFAULT_MODEL, description="open_clip model name")
     pretrained: str = Field(default="", description="open_clip pretrained tag or a local checkpoint path (empty: none)")
 
     def training(self) -> training.PretrainConfig:
