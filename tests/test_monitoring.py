@@ -91,10 +91,14 @@ def synthetic_log(directory, predictor, reference, charts, style=None, latency_s
               for (_, _, window), kind in zip(charts, kinds)]
     embeddings = np.empty((len(charts), reference.embeddings.shape[1]), np.float32)
     probabilities = np.empty((len(charts), len(sim.CORE_PATTERNS)))
+    states = [None] * len(charts)
     for kind in ("bars", "image"):
         rows = [i for i, k in enumerate(kinds) if k == kind]
-        embeddings[rows], probabilities[rows] = ref_lib.answer_batch(
+        embeddings[rows], probabilities[rows], features = ref_lib.answer_batch(
             predictor, [images[i] for i in rows], [charts[i][2] for i in rows] if kind == "bars" else None)
+        if features is not None:  # the bars' market state as the service logs it; `market_scale` moves prices more
+            for i, row in zip(rows, features):
+                states[i] = {k: v * market_scale for k, v in market_state(row).items()}
     probabilities[[i for i, k in enumerate(kinds) if k == "image"]] += probability_shift
     if embedding_shift:
         rng = np.random.default_rng(0)
@@ -113,11 +117,9 @@ def synthetic_log(directory, predictor, reference, charts, style=None, latency_s
         latencies[timed] = np.random.default_rng(1).permutation(spread)
     log = PredictionLog(directory, fsync=False)
     for i, ((_, timeframe, window), kind) in enumerate(zip(charts, kinds)):
-        # The bars' market state as the service logs it; `market_scale` moves prices that much more per bar.
-        state = {k: v * market_scale for k, v in market_state(predictor.features([window])[0]).items()}
         log.append(sim.prediction_record(f"r{i}", request_time(window, timeframe), reference.model,
                                          embeddings[i], probabilities[i], latencies[i],
-                                         f"C{i % CLIENT_SYMBOLS:02d}", timeframe, kind, len(window), state))
+                                         f"C{i % CLIENT_SYMBOLS:02d}", timeframe, kind, len(window), states[i]))
     log.close()
 
 
@@ -204,7 +206,7 @@ def test_weekly_report_on_a_clean_and_a_drifted_log(reference, logs, tmp_path):
     assert metrics["daily"][0]["day"] == WEEK and metrics["evidently"]["rows"] == 60
     assert ref.info["session"]["timezone"] == "America/New_York"  # matched by timeframe and session hour
     html = next(artifacts.path(f"drift_report/{WEEK}").glob("*/report.html")).read_text()
-    assert "Drift in embeddings" in html and "latency_ms" in html
+    assert "Drift in embeddings" in html and "latency_ms" in html and "volatility" in html
     metadata = clean.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["evidently_report"].value.endswith("report.html") and "latency_histogram" in metadata
 
@@ -513,3 +515,31 @@ def test_evidently_report_survives_near_constant_columns(tmp_path):
     figures = report.evidently_report(reference, window, str(tmp_path / "report.html"), rows=n)
     assert figures["rows"] == n and figures["drifted_columns"]["count"] == 0
     assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_evidently_report_compares_the_market_state_of_requests_with_bars(tmp_path):
+    from vlm_assets.monitoring import report
+
+    rng = np.random.default_rng(1)
+    n = 150
+    state = np.exp(np.log([0.002, 0.003]) + rng.normal(0, 0.2, (n, 2)))
+    table = pd.DataFrame({"symbol": "S", "timeframe": ["5m"] * n, "end": pd.Timestamp(WEEK),
+                          "latency_ms": rng.uniform(5, 10, n)}
+                         | {c: rng.uniform(0, 1, n) for s in ref_lib.SEGMENTS for c in ref_lib.probability_columns(s)})
+    embeddings = rng.normal(size=(n, 16))
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    reference = ref_lib.Reference(table.assign(**dict(zip(ref_lib.MARKET_COLUMNS, state.T))), embeddings,
+                                  {"model": "m", "latency_ms": {"p95": 10.0}})
+
+    def scores(market, ref=reference) -> dict:
+        window = log_window(embeddings, ["S"] * n, rng.uniform(0, 1, (n, 9)), rng.uniform(5, 10, n), market)
+        return report.evidently_report(ref, window, str(tmp_path / "report.html"), rows=n)["column_drift_scores"]
+
+    calm, doubled = scores(state[rng.permutation(n)]), scores(2 * state)
+    assert set(MARKET_FEATURES) <= set(calm) and set(MARKET_FEATURES) <= set(doubled)
+    assert all(doubled[name] < 0.01 < calm[name] for name in MARKET_FEATURES), (calm, doubled)  # p-values
+    assert "volatility" in (tmp_path / "report.html").read_text()
+    # No market state on one side (screenshots only; a reference built before it was kept): no such column.
+    assert not set(MARKET_FEATURES) & set(scores(None))
+    old = ref_lib.Reference(table, embeddings, reference.info)
+    assert not set(MARKET_FEATURES) & set(scores(2 * state, old))

@@ -36,13 +36,13 @@ FEATURE_NAMES: tuple[str, ...] = tuple(
 # The two features that are not scale-free: they describe the market's regime (how far prices move per bar), not the
 # candles, and a chart drawn to its own price range hides them. The prediction log keeps them for drift monitoring.
 MARKET_FEATURES = ("volatility", "avg_range_price")
-_MARKET_COLUMNS = [FEATURE_NAMES.index(name) for name in MARKET_FEATURES]
+MARKET_INDICES = [FEATURE_NAMES.index(name) for name in MARKET_FEATURES]  # their columns in a feature vector
 
 
 def market_state(features: np.ndarray) -> dict[str, float | None]:
     """MARKET_FEATURES of one window's feature vector, None where the window lacks the history (JSON has no NaN)."""
     return {name: float(features[j]) if np.isfinite(features[j]) else None
-            for name, j in zip(MARKET_FEATURES, _MARKET_COLUMNS)}
+            for name, j in zip(MARKET_FEATURES, MARKET_INDICES)}
 
 
 def window_features(bars: pd.DataFrame | OhlcvArrays) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from vlm_assets.dataset import calendar_blocks, symbol_origins
-from vlm_assets.features import MARKET_FEATURES, market_state
+from vlm_assets.features import MARKET_FEATURES, MARKET_INDICES
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.market.timeframes import INTRADAY_MINUTES, bar_end
 from vlm_assets.storage import parquet_bytes
@@ -154,19 +154,22 @@ def serve_bars(predictor, bars: list[dict]) -> tuple[np.ndarray, dict, object, n
     return embedding, predictor.score_patterns(embedding, list(CORE_PATTERNS), features, resnet), image, features
 
 
-def answer_batch(predictor, images: list, windows: list | None, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings and trained-pattern probabilities of many charts, as the service answers each one: with their bars
-    (`windows`: engineered features join the fusion) or, with `windows` None, as chart images only."""
+def answer_batch(predictor, images: list, windows: list | None,
+                 batch: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Embeddings, trained-pattern probabilities and engineered features (None without bars) of many charts, as the
+    service answers each one: with their bars (`windows`: the features join the fusion) or, with `windows` None, as
+    chart images only."""
     parts = [_answer(predictor, images[i:i + batch], None if windows is None else windows[i:i + batch])
              for i in range(0, len(images), batch)]
-    return np.concatenate([e for e, _ in parts]), np.concatenate([p for _, p in parts])
+    features = None if windows is None else np.concatenate([f for _, _, f in parts])
+    return np.concatenate([e for e, _, _ in parts]), np.concatenate([p for _, p, _ in parts]), features
 
 
-def _answer(predictor, images: list, windows: list | None) -> tuple[np.ndarray, np.ndarray]:
+def _answer(predictor, images: list, windows: list | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     embeddings = predictor.encode(images)
     features = predictor.features(windows) if windows is not None else None
     resnet = predictor.resnet_outputs(images) if "resnet" in predictor.sources_for(windows is not None) else None
-    return embeddings, predictor.trained(embeddings, features, resnet).probabilities
+    return embeddings, predictor.trained(embeddings, features, resnet).probabilities, features
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,7 @@ def replay(predictor, charts: list[tuple[str, str, pd.DataFrame]], info: dict, p
         row = {"symbol": symbol, "timeframe": timeframe, "end": window.index[-1], "latency_ms": latency_ms}
         row |= dict(zip(probability_columns("bars"), (answer["probabilities"][p] for p in CORE_PATTERNS)))
         row |= dict(zip(probability_columns("image"), image_only.tolist()))
-        row |= {f"m_{name}": np.nan if value is None else value for name, value in market_state(features).items()}
+        row |= dict(zip(MARKET_COLUMNS, features[MARKET_INDICES].tolist()))
         rows.append(row)
         embeddings.append(embedding.astype(np.float32))
         if progress is not None:

@@ -3,13 +3,15 @@
 Evidently compares the period's charts with a reference drawn to the same mix: for each current chart (at most
 `rows`, seeded), a reference chart of its timeframe and session hour, with the probabilities its input kind gets.
 Columns: the embedding (`EmbeddingsDrift`), and through `DataDriftPreset` the cosine similarity to the reference
-centroid, the serving latency, timeframe, input kind and every trained pattern's probability."""
+centroid, the serving latency, timeframe, input kind, every trained pattern's probability and, for requests with bars,
+the market state (`vlm_assets.features.MARKET_FEATURES`; empty for screenshots, left out for a reference without it)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from vlm_assets.features import MARKET_FEATURES
 from vlm_assets.labeling import CORE_PATTERNS
 from vlm_assets.monitoring.drift import LogWindow, Minimums, Thresholds, drift_metrics
 from vlm_assets.monitoring.reference import SEGMENTS, Reference
@@ -43,10 +45,14 @@ def evidently_frames(reference: Reference, window: LogWindow, rows: int,
     ref_emb = reference.embeddings[picks]
     centroid = ref_emb.mean(axis=0)
     centroid /= np.linalg.norm(centroid)
-    ref_probabilities = np.where((charts.segment == "bars")[:, None], reference.probabilities("bars")[picks],
-                                 reference.probabilities("image")[picks])
+    bars = (charts.segment == "bars")[:, None]
+    ref_probabilities = np.where(bars, reference.probabilities("bars")[picks], reference.probabilities("image")[picks])
+    ref_market = None if reference.market() is None else np.where(bars, reference.market()[picks], np.nan)
+    # A column without a value on either side has no distribution to compare (a screenshot-only week).
+    with_market = ref_market is not None and bool(np.isfinite(ref_market).any(axis=0).all()
+                                                  and np.isfinite(charts.market).any(axis=0).all())
 
-    def frame(embeddings, latency, probabilities) -> pd.DataFrame:
+    def frame(embeddings, latency, probabilities, market) -> pd.DataFrame:
         out = pd.DataFrame(embeddings, columns=[f"e{j:03d}" for j in range(embeddings.shape[1])])
         # Rounded: a near-constant column (a pattern the model answers alike for every chart) whose values differ
         # only in float noise breaks Evidently's histograms ("Cannot create 10 finite-sized bins").
@@ -56,10 +62,12 @@ def evidently_frames(reference: Reference, window: LogWindow, rows: int,
         out["input"] = charts.segment
         for j, pattern in enumerate(CORE_PATTERNS):
             out[pattern] = np.round(probabilities[:, j], EVIDENTLY_DECIMALS)
+        if with_market:
+            out[list(MARKET_FEATURES)] = market
         return out
 
-    return (frame(ref_emb, reference.table["latency_ms"].to_numpy()[picks], ref_probabilities),
-            frame(charts.embeddings, charts.latency_ms, charts.probabilities))
+    return (frame(ref_emb, reference.table["latency_ms"].to_numpy()[picks], ref_probabilities, ref_market),
+            frame(charts.embeddings, charts.latency_ms, charts.probabilities, charts.market))
 
 
 def evidently_report(reference: Reference, window: LogWindow, html_path: str, rows: int = 1000, seed: int = 0) -> dict:
@@ -69,7 +77,7 @@ def evidently_report(reference: Reference, window: LogWindow, html_path: str, ro
     from evidently.presets import DataDriftPreset
 
     ref, cur = evidently_frames(reference, window, rows, seed)
-    numerical = ["cosine_to_reference", "latency_ms", *CORE_PATTERNS]
+    numerical = ["cosine_to_reference", "latency_ms", *CORE_PATTERNS, *(c for c in MARKET_FEATURES if c in cur)]
     categorical = ["timeframe", "input"]
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical,
                                 embeddings={EMBEDDING: [c for c in ref.columns if c.startswith("e")]})

@@ -265,8 +265,8 @@ def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, m
                     continue
                 images = [render_chart(todo[k][1], todo[k][2]) for k in keys]
                 windows = [todo[k][1] for k in keys] if segment == "bars" else None
-                embeddings, scores = answer_batch(predictor, images, windows)
-                states = [market_state(f) for f in predictor.features(windows)] if windows else [None] * len(keys)
+                embeddings, scores, features = answer_batch(predictor, images, windows)
+                states = [market_state(f) for f in features] if features is not None else [None] * len(keys)
                 cache.answers.update({(k, segment): answer for k, answer in zip(keys, zip(embeddings, scores, states))})
             cache.encoded += len(todo)
         stamp = now.tz_localize(tz).tz_convert("UTC")
