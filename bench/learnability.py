@@ -7,8 +7,8 @@ the train split, randomized styles unless --style-share < 1): multi-label BCE on
 anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
 the core patterns (stored dataset images). `hybrid` is the tower of the default, ChartCLIP-S-hybrid, and `convstem`
 ChartCLIP-S's (vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one
-32x32 linear patch embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
-(`candle-vlm run` or bench/dataset.py).
+32x32 linear patch embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data
+assets in --root (`candle-vlm run` or bench/dataset.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training building blocks on real data and the real default model (ChartCLIP-S-hybrid) (tiny market, a few steps)."""
+"""Training building blocks on real data and the real default model, ChartCLIP-S-hybrid (tiny market, a few steps)."""
 
 import numpy as np
 import pandas as pd

