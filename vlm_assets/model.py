@@ -164,9 +164,9 @@ class ChartCLIP:
 
 
 def create(spec: ModelSpec = ModelSpec(), device: str = "auto", seed: int = 0) -> ChartCLIP:
-    """Build the model (text tower weights from the offline MiniLM for ChartCLIP-S; `spec.pretrained` loads a tag or
-    a .safetensors/.pt checkpoint, the latter with weights_only=True). Randomly initialized weights come from
-    `seed`, without touching the caller's random state."""
+    """Build the model (text tower weights from the offline MiniLM for the ChartCLIP configs; `spec.pretrained` loads
+    a tag or a .safetensors/.pt checkpoint, the latter with weights_only=True). Randomly initialized weights come
+    from `seed`, without touching the caller's random state."""
     import open_clip
     import torch
 
