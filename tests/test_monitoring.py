@@ -456,6 +456,32 @@ def test_psi_alert_state_trading_hours_and_bad_input():
         al.FastCheckSettings(window_records=10)
 
 
+def test_replayed_latencies_carry_no_drift_from_a_slow_stretch_of_the_reference():
+    """The reference was timed while the machine was busy for a while: 4% of its charts, one after the other, took
+    ten times as long. Replayed in measured order, the windows over that stretch judge a latency breach (a false
+    alert, as CI once saw); spread, no window of the check's size does, and the values are the reference's."""
+    rng = np.random.default_rng(4)
+    measured = rng.uniform(4.0, 6.0, 400)
+    measured[200:216] *= 10.0
+    reference = ref_lib.Reference(pd.DataFrame({"latency_ms": measured}), np.zeros((400, 4), np.float32),
+                                  {"model": "m", "latency_ms": {"p95": float(np.percentile(measured, 95))}})
+    threshold = drift.Thresholds().latency_p95_ratio
+    size = 120
+
+    def worst_judged_ratio(sequence):
+        cycle = np.concatenate([sequence, sequence[:size]])
+        windows = [cycle[start:start + size] for start in range(len(sequence))]
+        return max(drift.latency(reference, log_window(np.zeros((size, 4)), ["S"] * size, latency_ms=w),
+                                 drift.Minimums(latency=size))["ratio_judged"] for w in windows)
+
+    assert worst_judged_ratio(measured) > threshold
+    spread = sim.spread_latencies(measured)
+    assert np.array_equal(np.sort(spread), np.sort(measured))
+    assert worst_judged_ratio(spread) < 1.2
+    with pytest.raises(ValueError, match="no latencies"):
+        sim.spread_latencies(np.array([]))
+
+
 def test_drift_simulation_is_quiet_before_the_onset_and_sees_the_drift(promoted, tmp_path):
     """The small simulation (the tiny model, 24 symbols polled every 15 minutes): no alert in the five drift-free
     trading days, and a new screenshot theme moves the prediction PSI above every drift-free value; the regime shift

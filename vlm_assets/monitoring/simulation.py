@@ -241,11 +241,27 @@ def prediction_record(request_id: str, time: pd.Timestamp, model_version: str, e
     return record | ({"market": market} if kind == "bars" and market is not None else {})
 
 
+def spread_latencies(latencies: np.ndarray) -> np.ndarray:
+    """`latencies` sorted and reordered by the van der Corput sequence: every run of consecutive values, wherever it
+    starts, samples the whole distribution evenly. Replayed in measured order, a stretch of slow measurements (the
+    machine was busy while the reference was timed) lands in one check window as a latency drift nobody injected."""
+    values = np.sort(np.asarray(latencies, dtype=float))
+    if values.size == 0:
+        raise ValueError("no latencies to replay: the reference has no timed charts")
+    bits = max(1, math.ceil(math.log2(values.size)))
+    indices = np.arange(values.size)
+    radical_inverse = np.zeros(values.size)
+    for bit in range(bits):  # bit-reversed index over 2**bits, as a fraction in [0, 1)
+        radical_inverse += ((indices >> bit) & 1) / 2.0 ** (bit + 1)
+    return values[np.argsort(np.argsort(radical_inverse, kind="stable"), kind="stable")]
+
+
 def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, model_version: str,
            latencies: np.ndarray, cache: ChartCache | None = None, market_data=None) -> dict:
     """Stream the requests through the predictor into a prediction log at `log_dir`; returns a summary. The logged
-    latency cycles through `latencies` (the reference's measured serving times): the simulation injects no latency
-    drift, and batch timings on a shared machine would measure the machine, not the service."""
+    latency replays `latencies` (the reference's measured serving times) in `spread_latencies` order, counted per
+    input kind: the simulation injects no latency drift, and batch timings on a shared machine would measure the
+    machine, not the service."""
     from vlm_assets.rendering import render_chart
     from vlm_assets.serving.prediction_log import PredictionLog
 
@@ -255,6 +271,8 @@ def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, m
     log = PredictionLog(log_dir, fsync=False)
     tz = config.timezone
     records, times = 0, []
+    latencies = spread_latencies(latencies)
+    served = {"bars": 0, "image": 0}  # per kind: the drift check times only requests with bars
     for now, batch in _requests(config, synthetic, bars, drift, predictor.style):
         todo = {key: (kind, window, style) for _, _, kind, window, style, key in batch
                 if (key, kind) not in cache.answers}
@@ -274,9 +292,10 @@ def replay(predictor, config: StreamConfig, drift: Drift, log_dir: str | Path, m
             embedding, probabilities, state = cache.answers[(key, kind)]
             log.append(prediction_record(content_hash(str(config.seed), repr(drift), str(records), length=32),
                                          stamp, model_version, embedding, probabilities,
-                                         latencies[records % len(latencies)], symbol, timeframe, kind, len(window),
-                                         state))
+                                         latencies[served[kind] % len(latencies)], symbol, timeframe, kind,
+                                         len(window), state))
             records += 1
+            served[kind] += 1
             times.append(stamp)
     log.close()
     return {"records": records, "times": pd.DatetimeIndex(times),
