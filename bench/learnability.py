@@ -1,14 +1,16 @@
 """Can an image tower learn candles from the training stream? A supervised probe, no text involved.
 
     python bench/learnability.py [--root artifacts] [--tower hybrid|convstem|...] [--steps 1000] [--style-share 1.0]
+                                 [--margin-weight 1.0] [--seed 0]
 
 Trains the image tower plus one linear head on the training stream of `vlm_assets.training` (charts rendered from
 the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
-anatomy regression targets. Every --eval-every steps it prints the validation split's mean average precision over
-the core patterns (stored dataset images). `hybrid` is the tower of the default, ChartCLIP-S-hybrid, and `convstem`
-ChartCLIP-S's (vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one
-32x32 linear patch embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data
-assets in --root (`candle-vlm run` or bench/dataset.py).
+anatomy regression targets (with --margin-weight, also the core rules' margins, as fine-tuning regresses them).
+Every --eval-every steps it prints the validation split's mean average precision over the core patterns (stored
+dataset images). `hybrid` is the tower of the default, ChartCLIP-S-hybrid, and `convstem` ChartCLIP-S's
+(vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one 32x32 linear patch
+embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
+(`candle-vlm run` or bench/dataset.py).
 """
 
 from __future__ import annotations
@@ -172,21 +174,24 @@ def run(args) -> dict:
     from vlm_assets.pipeline.model import dataset_windows, training_windows
     from vlm_assets.storage import ArtifactStore
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     artifacts = ArtifactStore(args.root)
     windows = training_windows(artifacts, training.StreamConfig())
     val = dataset_windows(artifacts)
     val = val[val["split"] == "val"].reset_index(drop=True)
     preprocess = chart_model.create(device="cpu").preprocess
     tower = build_tower(args.tower)
-    head = torch.nn.Linear(256, len(CORE_PATTERNS) + len(training.ANATOMY_TARGETS))
+    n_core, n_anatomy = len(CORE_PATTERNS), len(training.ANATOMY_TARGETS)
+    margins = args.margin_weight > 0  # a third head: the core rules' margins, as chart_clip_finetuned regresses them
+    head = torch.nn.Linear(256, n_core + n_anatomy + (n_core if margins else 0))
     params = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     schedule = training.OptimConfig(steps=args.steps, warmup_steps=50)
+    finetune = training.FinetuneConfig()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training._schedule(s, schedule))
     val_pixels = torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for png in val["png"]])
     val_truth = val[list(CORE_PATTERNS)].to_numpy(bool)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1 + args.seed)
     dataset = training._RenderedWindows(windows, preprocess, captions=False)
 
     def evaluate() -> float:
@@ -200,14 +205,19 @@ def run(args) -> dict:
     curve, started = [], time.perf_counter()
     tower.train()
     for step in range(args.steps):
-        items = [dataset[(i, plan)] for i, plan in enumerate(windows.plan(rng, args.batch_size, args.style_share))]
+        plans = windows.plan(rng, args.batch_size, args.style_share)
+        items = [dataset[(i, plan)] for i, plan in enumerate(plans)]
         pixels = torch.stack([it["pixels"] for it in items])
         labels = torch.stack([it["labels"] for it in items])
         anatomy = torch.stack([it["anatomy"] for it in items])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = head(tower(pixels)).float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out[:, :len(CORE_PATTERNS)], labels) + \
-            torch.nn.functional.smooth_l1_loss(out[:, len(CORE_PATTERNS):], anatomy)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out[:, :n_core], labels) + \
+            torch.nn.functional.smooth_l1_loss(out[:, n_core:n_core + n_anatomy], anatomy)
+        if margins:
+            target = torch.from_numpy(windows.margin_targets(np.array([p.candidate for p in plans]), finetune.margin_scale))
+            loss = loss + args.margin_weight * torch.nn.functional.smooth_l1_loss(out[:, n_core + n_anatomy:], target,
+                                                                                  beta=0.1)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,6 +229,7 @@ def run(args) -> dict:
             print(json.dumps(curve[-1]), flush=True)
     base_rate = float(val_truth.mean())
     return {"tower": args.tower, "style_share": args.style_share, "lr": args.lr, "steps": args.steps,
+            "margin_weight": args.margin_weight,
             "val_base_rate": round(base_rate, 4), "curve": curve}
 
 
@@ -231,6 +242,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--style-share", type=float, default=1.0, help="share of randomized styles (rest: fixed preset)")
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0, help="initialization and stream seed")
+    parser.add_argument("--margin-weight", type=float, default=0.0,
+                        help="weight of the core rules' margin regression (training.FinetuneConfig.margin_weight)")
     args = parser.parse_args()
     report = {"machine": machine_info(), "command": " ".join(sys.argv)} | run(args)
     print(json.dumps(report, indent=2))

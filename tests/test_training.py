@@ -50,6 +50,36 @@ def test_plans_are_deterministic_and_render_labels_of_their_window(windows):
     assert np.asarray(windows.render(first[0])["image"]).tobytes() == np.asarray(sample["image"]).tobytes()
 
 
+def test_margin_targets_are_the_rule_margins_at_the_window_end(windows, tiny_store):
+    labels = load_labels(tiny_store)
+    candidates = np.arange(0, len(windows.candidates), max(1, len(windows.candidates) // 50))
+    targets = windows.margin_targets(candidates, 0.3)
+    for candidate, target in zip(candidates, targets):
+        row = windows.candidates.iloc[candidate]
+        frame = labels[(row["symbol"], row["timeframe"])]
+        margins = frame[[f"{p}_margin" for p in CORE_PATTERNS]].to_numpy()[row["pos"]]
+        expected = np.tanh(np.where(np.isfinite(margins), margins, -3.0) / 0.3)
+        np.testing.assert_allclose(target, expected, atol=1e-6)
+        fired = frame[list(CORE_PATTERNS)].to_numpy(bool)[row["pos"]]
+        assert (target[fired] >= 0).all() and (target[~fired] <= 0).all()  # the sign is the label
+    assert targets.dtype == np.float32 and np.abs(targets).max() <= 1.0
+
+
+def test_finetune_config_refuses_negative_weights_and_scales():
+    with pytest.raises(ValueError, match="margin_weight=-1"):
+        training.FinetuneConfig(margin_weight=-1.0)
+    with pytest.raises(ValueError, match="margin_scale"):
+        training.FinetuneConfig(margin_scale=0.0)
+
+
+def test_finetune_without_the_margin_term_logs_no_margin_loss(windows):
+    clip = chart_model.create(device="cpu")
+    optim = training.OptimConfig(steps=1, batch_size=6, warmup_steps=1, workers=0)
+    result = training.finetune(clip, windows, training.FinetuneConfig(optim=optim, margin_weight=0.0),
+                               {p: [p.replace("_", " ")] for p in CORE_PATTERNS})
+    assert "margins" not in result.history.columns and {"multilabel", "anatomy"} <= set(result.history.columns)
+
+
 def test_anatomy_targets_measure_the_last_candles():
     bars = pd.DataFrame({"open": [10.0, 11.0, 12.0], "high": [11.5, 12.5, 12.2], "low": [9.5, 10.5, 10.0],
                          "close": [11.0, 12.0, 10.5]})
@@ -122,7 +152,7 @@ def test_pretrain_and_finetune_run_and_are_deterministic(windows):
     clip_b, pre_b, fine_b = run()
     assert pre_a.extra["caption_pool"] == 24 and 1 <= pre_a.extra["distinct_captions"] <= 24
     assert {"contrastive", "anatomy"} <= set(pre_a.history.columns)
-    assert {"contrastive", "multilabel", "anatomy"} <= set(fine_a.history.columns)
+    assert {"contrastive", "multilabel", "anatomy", "margins"} <= set(fine_a.history.columns)
     for column in ("loss", "anatomy"):
         assert pre_a.history[column].tolist() == pre_b.history[column].tolist()
         assert fine_a.history[column].tolist() == fine_b.history[column].tolist()

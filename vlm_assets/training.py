@@ -122,9 +122,22 @@ class FinetuneConfig:
     contrastive_weight: float = 1.0
     multilabel_weight: float = 1.0
     anatomy_weight: float = 0.5
+    # Regression of every core rule's margin (tanh(margin / margin_scale)): how far each chart is from firing each
+    # pattern, a dense target beside the labels' 0/1 (bench/learnability.py --margin-weight measures its effect).
+    margin_weight: float = 1.0
+    margin_scale: float = 0.3
     hard_negative_share: float = 0.25  # of each batch, re-fed from the hard-negative buffer once it has entries
     hard_negative_capacity: int = 2048
     class_embedding_refresh: int = 25  # steps between recomputing the (detached) pattern prompt embeddings
+
+    def __post_init__(self):
+        weights = {name: getattr(self, name) for name in
+                   ("contrastive_weight", "multilabel_weight", "anatomy_weight", "margin_weight")}
+        negative = [f"{name}={value}" for name, value in weights.items() if not value >= 0]
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got {', '.join(negative)}")
+        if not self.margin_scale > 0:
+            raise ValueError(f"margin_scale must be > 0 (average ranges), got {self.margin_scale}")
 
 
 # ---- training windows --------------------------------------------------------------------------------------
@@ -156,21 +169,28 @@ class TrainingWindows:
         self.htf = {key: higher_timeframe_series(bars, *key) for key in bars}
         self.pools = {name: np.flatnonzero(self.candidates[name].to_numpy()) for name in (*CORE_PATTERNS, NEUTRAL)}
         self.pools = {name: pool for name, pool in self.pools.items() if pool.size}
+        self.margins = self._core_margins()
         self.near_miss = self._near_miss_pool()
         if not self.pools:
             raise ValueError("no labelled train windows to sample from")
 
+    def _core_margins(self) -> np.ndarray:
+        """(candidates, core patterns): each rule's margin at the window end, in average ranges (NaN: not evaluable)."""
+        margins = np.full(self._core.shape, np.nan, dtype=np.float32)  # the label frames store float32
+        columns = [f"{p}_margin" for p in CORE_PATTERNS]
+        for (symbol, timeframe), group in self.candidates.groupby(["symbol", "timeframe"], sort=False):
+            margins[group.index.to_numpy()] = self.labels[(symbol, timeframe)][columns].to_numpy()[group["pos"].to_numpy()]
+        return margins
+
     def _near_miss_pool(self) -> np.ndarray:
         """Candidates where some core pattern misses firing by at most `near_miss_margin` average ranges."""
-        chosen = []
-        for (symbol, timeframe), group in self.candidates.groupby(["symbol", "timeframe"], sort=False):
-            frame = self.labels[(symbol, timeframe)]
-            positions = group["pos"].to_numpy()
-            margins = frame[[f"{p}_margin" for p in CORE_PATTERNS]].to_numpy()[positions]
-            fired = frame[list(CORE_PATTERNS)].to_numpy()[positions]
-            near = np.any((margins < 0) & (margins >= -self.stream.near_miss_margin) & ~fired, axis=1)
-            chosen.append(group.index.to_numpy()[near])
-        return np.concatenate(chosen) if chosen else np.array([], dtype=int)
+        near = np.any((self.margins < 0) & (self.margins >= -self.stream.near_miss_margin) & (self._core == 0), axis=1)
+        return np.flatnonzero(near)
+
+    def margin_targets(self, candidates: np.ndarray, scale: float) -> np.ndarray:
+        """(n, core patterns) tanh(margin / scale) of every core rule at the candidates; a rule that cannot be
+        evaluated counts as far from firing."""
+        return np.tanh(np.nan_to_num(self.margins[candidates], nan=-10.0 * scale) / scale).astype(np.float32)
 
     def plan(self, rng: np.random.Generator, size: int, randomized_share: float = 1.0) -> list[WindowPlan]:
         plans = []
@@ -576,7 +596,8 @@ def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size
 def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts: dict[str, list[str]],
              progress: Callable | None = None) -> TrainResult:
     """Core-pattern fine-tuning: CLIP loss on named captions, multi-label BCE of the image against the core
-    patterns' prompt-ensemble embeddings, the anatomy head as a regularizer, and a hard-negative buffer."""
+    patterns' prompt-ensemble embeddings, a regression of the core rules' margins, the anatomy head as a
+    regularizer, and a hard-negative buffer."""
     missing = [p for p in CORE_PATTERNS if not class_texts.get(p)]
     if missing:
         raise ValueError(f"class_texts has no prompts for core pattern(s) {missing}")
@@ -584,6 +605,7 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
     heads = torch.nn.ModuleDict({
         "anatomy": _anatomy_head(clip),
         "patterns": PatternLogits(len(CORE_PATTERNS)),
+        "margins": torch.nn.Linear(clip.embed_dim, len(CORE_PATTERNS)),
     }).to(clip.device)
     buffer = HardNegativeBuffer(config.hard_negative_capacity)
     # Seed the buffer with near misses of confusable patterns, mined from the rule engine's margins.
@@ -630,6 +652,10 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         losses["multilabel"] = config.multilabel_weight * per_item.mean()
         anatomy = heads["anatomy"](image_raw).float()
         losses["anatomy"] = config.anatomy_weight * torch.nn.functional.smooth_l1_loss(anatomy, batch["anatomy"].to(clip.device))
+        if config.margin_weight:
+            margins = torch.from_numpy(windows.margin_targets(batch["candidate"], config.margin_scale)).to(clip.device)
+            losses["margins"] = config.margin_weight * torch.nn.functional.smooth_l1_loss(
+                heads["margins"](image_raw).float(), margins, beta=0.1)
         # Mine: windows scored high for a pattern whose confusable partner they show.
         with torch.no_grad():
             confusable = torch.from_numpy(confusable_mask(labels.bool().cpu().numpy())).to(logits.device)
