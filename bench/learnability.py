@@ -215,7 +215,8 @@ def run(args) -> dict:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(out[:, :n_core], labels) + \
             torch.nn.functional.smooth_l1_loss(out[:, n_core:n_core + n_anatomy], anatomy)
         if margins:
-            target = torch.from_numpy(windows.margin_targets(np.array([p.candidate for p in plans]), finetune.margin_scale))
+            candidates = np.array([plan.candidate for plan in plans])
+            target = torch.from_numpy(windows.margin_targets(candidates, finetune.margin_scale))
             loss = loss + args.margin_weight * torch.nn.functional.smooth_l1_loss(out[:, n_core + n_anatomy:], target,
                                                                                   beta=0.1)
         optimizer.zero_grad()

@@ -75,8 +75,9 @@ def test_finetune_config_refuses_negative_weights_and_scales():
 def test_finetune_without_the_margin_term_logs_no_margin_loss(windows):
     clip = chart_model.create(device="cpu")
     optim = training.OptimConfig(steps=1, batch_size=6, warmup_steps=1, workers=0)
-    result = training.finetune(clip, windows, training.FinetuneConfig(optim=optim, margin_weight=0.0),
+    result = training.finetune(clip, windows, training.FinetuneConfig(optim=optim),
                                {p: [p.replace("_", " ")] for p in CORE_PATTERNS})
+    assert training.FinetuneConfig().margin_weight == 0.0  # the default (docs/model.md says why)
     assert "margins" not in result.history.columns and {"multilabel", "anatomy"} <= set(result.history.columns)
 
 
@@ -145,7 +146,7 @@ def test_pretrain_and_finetune_run_and_are_deterministic(windows):
         optim = training.OptimConfig(steps=2, batch_size=6, warmup_steps=1, workers=0)
         pre = training.pretrain(clip, windows, training.PretrainConfig(optim=optim, caption_pool=24))
         texts = {p: [p.replace("_", " ")] for p in CORE_PATTERNS}
-        fine = training.finetune(clip, windows, training.FinetuneConfig(optim=optim), texts)
+        fine = training.finetune(clip, windows, training.FinetuneConfig(optim=optim, margin_weight=1.0), texts)
         return clip, pre, fine
 
     clip_a, pre_a, fine_a = run()

@@ -123,8 +123,9 @@ class FinetuneConfig:
     multilabel_weight: float = 1.0
     anatomy_weight: float = 0.5
     # Regression of every core rule's margin (tanh(margin / margin_scale)): how far each chart is from firing each
-    # pattern, a dense target beside the labels' 0/1 (bench/learnability.py --margin-weight measures its effect).
-    margin_weight: float = 1.0
+    # pattern, a dense target beside the labels' 0/1. Off by default: it lifts the supervised probe
+    # (bench/learnability.py --margin-weight) but at weight 1.0 not the fine-tuned model's test F1 (docs/model.md).
+    margin_weight: float = 0.0
     margin_scale: float = 0.3
     hard_negative_share: float = 0.25  # of each batch, re-fed from the hard-negative buffer once it has entries
     hard_negative_capacity: int = 2048
@@ -178,8 +179,8 @@ class TrainingWindows:
         """(candidates, core patterns): each rule's margin at the window end, in average ranges (NaN: not evaluable)."""
         margins = np.full(self._core.shape, np.nan, dtype=np.float32)  # the label frames store float32
         columns = [f"{p}_margin" for p in CORE_PATTERNS]
-        for (symbol, timeframe), group in self.candidates.groupby(["symbol", "timeframe"], sort=False):
-            margins[group.index.to_numpy()] = self.labels[(symbol, timeframe)][columns].to_numpy()[group["pos"].to_numpy()]
+        for key, group in self.candidates.groupby(["symbol", "timeframe"], sort=False):
+            margins[group.index.to_numpy()] = self.labels[key][columns].to_numpy()[group["pos"].to_numpy()]
         return margins
 
     def _near_miss_pool(self) -> np.ndarray:
@@ -605,8 +606,7 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
     heads = torch.nn.ModuleDict({
         "anatomy": _anatomy_head(clip),
         "patterns": PatternLogits(len(CORE_PATTERNS)),
-        "margins": torch.nn.Linear(clip.embed_dim, len(CORE_PATTERNS)),
-    }).to(clip.device)
+    } | ({"margins": torch.nn.Linear(clip.embed_dim, len(CORE_PATTERNS))} if config.margin_weight else {})).to(clip.device)
     buffer = HardNegativeBuffer(config.hard_negative_capacity)
     # Seed the buffer with near misses of confusable patterns, mined from the rule engine's margins.
     if windows.near_miss.size:
