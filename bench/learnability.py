@@ -187,7 +187,6 @@ def run(args) -> dict:
     params = [*tower.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     schedule = training.OptimConfig(steps=args.steps, warmup_steps=50)
-    finetune = training.FinetuneConfig()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training._schedule(s, schedule))
     val_pixels = torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for png in val["png"]])
     val_truth = val[list(CORE_PATTERNS)].to_numpy(bool)
@@ -216,9 +215,8 @@ def run(args) -> dict:
             torch.nn.functional.smooth_l1_loss(out[:, n_core:n_core + n_anatomy], anatomy)
         if margins:
             candidates = np.array([plan.candidate for plan in plans])
-            target = torch.from_numpy(windows.margin_targets(candidates, finetune.margin_scale))
-            loss = loss + args.margin_weight * torch.nn.functional.smooth_l1_loss(out[:, n_core + n_anatomy:], target,
-                                                                                  beta=0.1)
+            loss = loss + args.margin_weight * training.margin_loss(out[:, n_core + n_anatomy:], windows, candidates,
+                                                                    training.FinetuneConfig.margin_scale)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -531,6 +531,13 @@ class PatternLogits(torch.nn.Module):
         return self.log_scale.exp() * image @ class_embeddings.T + self.bias
 
 
+def margin_loss(predicted: torch.Tensor, windows: TrainingWindows, candidates: np.ndarray,
+                scale: float) -> torch.Tensor:
+    """Smooth L1 of predicted margins against `windows.margin_targets` of the charts' candidates."""
+    target = torch.from_numpy(windows.margin_targets(candidates, scale)).to(predicted.device)
+    return torch.nn.functional.smooth_l1_loss(predicted.float(), target, beta=0.1)
+
+
 def _anatomy_head(clip):
     return torch.nn.Linear(clip.embed_dim, len(ANATOMY_TARGETS)).to(clip.device)
 
@@ -597,16 +604,16 @@ def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size
 def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts: dict[str, list[str]],
              progress: Callable | None = None) -> TrainResult:
     """Core-pattern fine-tuning: CLIP loss on named captions, multi-label BCE of the image against the core
-    patterns' prompt-ensemble embeddings, a regression of the core rules' margins, the anatomy head as a
-    regularizer, and a hard-negative buffer."""
+    patterns' prompt-ensemble embeddings, optionally a regression of the core rules' margins (`margin_weight`), the
+    anatomy head as a regularizer, and a hard-negative buffer."""
     missing = [p for p in CORE_PATTERNS if not class_texts.get(p)]
     if missing:
         raise ValueError(f"class_texts has no prompts for core pattern(s) {missing}")
     torch.manual_seed(config.optim.seed)
-    heads = torch.nn.ModuleDict({
-        "anatomy": _anatomy_head(clip),
-        "patterns": PatternLogits(len(CORE_PATTERNS)),
-    } | ({"margins": torch.nn.Linear(clip.embed_dim, len(CORE_PATTERNS))} if config.margin_weight else {})).to(clip.device)
+    heads = {"anatomy": _anatomy_head(clip), "patterns": PatternLogits(len(CORE_PATTERNS))}
+    if config.margin_weight:
+        heads["margins"] = torch.nn.Linear(clip.embed_dim, len(CORE_PATTERNS))
+    heads = torch.nn.ModuleDict(heads).to(clip.device)
     buffer = HardNegativeBuffer(config.hard_negative_capacity)
     # Seed the buffer with near misses of confusable patterns, mined from the rule engine's margins.
     if windows.near_miss.size:
@@ -653,9 +660,8 @@ def finetune(clip, windows: TrainingWindows, config: FinetuneConfig, class_texts
         anatomy = heads["anatomy"](image_raw).float()
         losses["anatomy"] = config.anatomy_weight * torch.nn.functional.smooth_l1_loss(anatomy, batch["anatomy"].to(clip.device))
         if config.margin_weight:
-            margins = torch.from_numpy(windows.margin_targets(batch["candidate"], config.margin_scale)).to(clip.device)
-            losses["margins"] = config.margin_weight * torch.nn.functional.smooth_l1_loss(
-                heads["margins"](image_raw).float(), margins, beta=0.1)
+            losses["margins"] = config.margin_weight * margin_loss(heads["margins"](image_raw), windows,
+                                                                   batch["candidate"], config.margin_scale)
         # Mine: windows scored high for a pattern whose confusable partner they show.
         with torch.no_grad():
             confusable = torch.from_numpy(confusable_mask(labels.bool().cpu().numpy())).to(logits.device)
