@@ -148,7 +148,7 @@ def timing(result: training.TrainResult) -> dict:
     return {"seconds": round(result.seconds, 1), "images_per_s": round(result.images_seen / max(result.seconds, 1e-9), 1)}
 
 
-@asset(group_name=MODEL_GROUP, code_version="2", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="3", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
 def chart_clip_pretrained(context: AssetExecutionContext, config: PretrainAssetConfig, store: ArtifactStoreResource,
                           compute: ComputeResource) -> MaterializeResult:
     """Domain pre-training: image-text contrastive on anatomy captions (no pattern names) + an anatomy head."""
@@ -232,7 +232,7 @@ def _evaluation_metadata(artifacts, name, version, library, result, regression) 
     }
 
 
-@asset(group_name=MODEL_GROUP, code_version="3", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="4", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
 def chart_clip_finetuned(context: AssetExecutionContext, config: FinetuneAssetConfig, store: ArtifactStoreResource,
                          compute: ComputeResource) -> MaterializeResult:
     """Fine-tuning on the core patterns: partial unfreezing, mixed precision, hard-negative buffer; CLIP loss plus
