@@ -232,7 +232,7 @@ def _evaluation_metadata(artifacts, name, version, library, result, regression) 
     }
 
 
-@asset(group_name=MODEL_GROUP, code_version="4", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="5", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
 def chart_clip_finetuned(context: AssetExecutionContext, config: FinetuneAssetConfig, store: ArtifactStoreResource,
                          compute: ComputeResource) -> MaterializeResult:
     """Fine-tuning on the core patterns: partial unfreezing, mixed precision, hard-negative buffer; CLIP loss plus

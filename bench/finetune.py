@@ -1,0 +1,98 @@
+"""Fine-tuning ablations: `training.finetune` from the store's pre-trained model with some settings changed, then the
+evaluation protocol of `model_evaluation` (validation-chosen prompts and thresholds, test figures).
+
+    python bench/finetune.py [--root artifacts] [--steps 250] [--contrastive-weight 0.1] [--lr 1e-3]
+                             [--multilabel-weight 1.0] [--anatomy-weight 0.5] [--margin-weight 0.0]
+
+Unset options keep `training.FinetuneConfig`'s defaults. Reads the current `chart_clip_pretrained` and the data assets
+in --root (after `candle-vlm run`) and writes nothing there. Besides the test summary it prints the validation mean
+average precision of the core patterns' cosine scores against their whole prompt ensembles (no prompt selection,
+no threshold): a threshold-free figure to compare settings by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from a checkout
+
+from bench.common import machine_info  # noqa: E402
+from vlm_assets.storage import atomic_write  # noqa: E402
+
+OVERRIDES = ("contrastive_weight", "multilabel_weight", "anatomy_weight", "margin_weight")
+
+
+def run(args) -> dict:
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    from vlm_assets import training
+    from vlm_assets.labeling import CORE_PATTERNS
+    from vlm_assets.pipeline.model import dataset_windows, load_model_asset, training_windows
+    from vlm_assets.prompts import load_prompt_library
+    from vlm_assets.storage import ArtifactStore
+    from vlm_assets.zero_shot import PromptEmbeddings, embed_images, evaluate
+
+    artifacts = ArtifactStore(args.root)
+    clip, _, pretrained_version = load_model_asset(artifacts, "chart_clip_pretrained", args.device)
+    default = training.FinetuneConfig()
+    optim = dataclasses.replace(default.optim, steps=args.steps or default.optim.steps, lr=args.lr or default.optim.lr)
+    changed = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
+    config = dataclasses.replace(default, optim=optim, **changed)
+    library = load_prompt_library()
+    started = time.perf_counter()
+    result = training.finetune(clip, training_windows(artifacts, config.stream), config,
+                               {p: list(library.classes[p]) for p in CORE_PATTERNS})
+    seconds = time.perf_counter() - started
+
+    windows = dataset_windows(artifacts)
+    val = windows[windows["split"] == "val"].reset_index(drop=True)
+    test = windows[windows["split"] == "test"].reset_index(drop=True)
+    val_images, test_images = embed_images(clip, val["png"].tolist()), embed_images(clip, test["png"].tolist())
+    prompts = PromptEmbeddings.of(clip, library)
+    ensemble = prompts.ensemble(None)[[prompts.classes.index(p) for p in CORE_PATTERNS]]
+    val_scores = val_images @ ensemble.T
+    val_map = float(np.mean([average_precision_score(val[p].to_numpy(bool), val_scores[:, j])
+                             for j, p in enumerate(CORE_PATTERNS)]))
+    evaluation = evaluate(val_images, val.drop(columns=["png"]), test_images, test.drop(columns=["png"]), prompts,
+                          PromptEmbeddings.of(clip, library.with_paraphrases()))
+    final = result.history.iloc[-1]
+    return {"pretrained_version": pretrained_version, "steps": optim.steps, "lr": optim.lr,
+            **{name: getattr(config, name) for name in OVERRIDES},
+            "train_seconds": round(seconds, 1), "images_per_s": round(result.images_seen / seconds, 1),
+            "final_losses": {k: round(float(final[k]), 4) for k in result.history.columns if k not in ("step", "lr")},
+            "val_mean_ap": round(val_map, 4),
+            "test": {k: round(v, 4) for k, v in evaluation.summary().items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("artifacts"))
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the pipeline's)")
+    parser.add_argument("--lr", type=float, default=None)
+    for name in OVERRIDES:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args()
+    report = {"machine": machine_info(), "command": " ".join(sys.argv)} | run(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        atomic_write(args.json, text.encode())
+    test = report["test"]
+    print("| steps | lr | contrastive | val mean AP | test F1 | precision | recall | neutral P | paraphrase P | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {report['steps']} | {report['lr']:g} | {report['contrastive_weight']:g} | {report['val_mean_ap']:.3f} | "
+          f"{test['core_macro_f1']:.3f} | {test['core_macro_precision']:.3f} | {test['core_macro_recall']:.3f} | "
+          f"{test['neutral_precision']:.3f} | {test['paraphrase_macro_precision']:.3f} | {report['train_seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
