@@ -161,6 +161,24 @@ def test_pretrain_and_finetune_run_and_are_deterministic(windows):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_pattern_logits_speed_moves_scale_and_bias_faster_without_changing_the_logits():
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    labels = torch.tensor([[1.0, 0.0, 0.0]] * 6)
+    moved = {}
+    for speed in (1.0, 20.0):
+        head = training.PatternLogits(3, speed=speed)
+        before = head(image, classes).detach()
+        optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+        torch.nn.functional.binary_cross_entropy_with_logits(head(image, classes), labels).backward()
+        optimizer.step()
+        moved[speed] = (float(head.scale.log()) - np.log(10.0), before)
+    torch.testing.assert_close(moved[1.0][1], moved[20.0][1])  # the same logits before training
+    assert abs(moved[20.0][0]) == pytest.approx(20 * abs(moved[1.0][0]), rel=1e-3)
+    with pytest.raises(ValueError, match="logit_speed"):
+        training.FinetuneConfig(logit_speed=0)
+
+
 def test_finetune_needs_prompts_for_every_core_pattern(windows):
     clip = chart_model.create(device="cpu")
     with pytest.raises(ValueError, match="hammer"):

@@ -71,6 +71,8 @@ class FinetuneAssetConfig(TrainConfig):
     stream_seed: int = training.FinetuneConfig.stream.seed
     contrastive_weight: float = training.FinetuneConfig.contrastive_weight
     multilabel_weight: float = training.FinetuneConfig.multilabel_weight
+    logit_speed: float = Field(default=training.FinetuneConfig.logit_speed,
+                               description="how much faster than the tower the multi-label head's scale and biases learn")
     margin_weight: float = Field(default=training.FinetuneConfig.margin_weight,
                                  description="weight of the core rules' margin regression (0: off)")
     hard_negative_share: float = Field(default=training.FinetuneConfig.hard_negative_share,
@@ -83,7 +85,7 @@ class FinetuneAssetConfig(TrainConfig):
             optim=self.optim(), stream=dataclasses.replace(training.FinetuneConfig.stream, seed=self.stream_seed),
             unfreeze=training.Unfreeze(self.image_layers, self.text_layers), anatomy_weight=self.anatomy_weight,
             contrastive_weight=self.contrastive_weight, multilabel_weight=self.multilabel_weight,
-            margin_weight=self.margin_weight, hard_negative_share=self.hard_negative_share, lock_text=self.lock_text)
+            logit_speed=self.logit_speed, margin_weight=self.margin_weight, hard_negative_share=self.hard_negative_share, lock_text=self.lock_text)
 
 
 def dataset_windows(artifacts: ArtifactStore, columns=None) -> pd.DataFrame:
@@ -232,7 +234,7 @@ def _evaluation_metadata(artifacts, name, version, library, result, regression) 
     }
 
 
-@asset(group_name=MODEL_GROUP, code_version="5", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="6", deps=[chart_clip_pretrained, zero_shot_baseline], kinds={"pytorch"})
 def chart_clip_finetuned(context: AssetExecutionContext, config: FinetuneAssetConfig, store: ArtifactStoreResource,
                          compute: ComputeResource) -> MaterializeResult:
     """Fine-tuning on the core patterns: partial unfreezing, mixed precision, hard-negative buffer; CLIP loss plus
