@@ -1,8 +1,9 @@
 """Fine-tuning ablations: `training.finetune` from the store's pre-trained model with some settings changed, then the
 evaluation protocol of `model_evaluation` (validation-chosen prompts and thresholds, test figures).
 
-    python bench/finetune.py [--root artifacts] [--steps 250] [--contrastive-weight 0.1] [--lr 1e-3]
+    python bench/finetune.py [--root artifacts] [--steps 250] [--batch-size 64] [--lr 1e-3] [--contrastive-weight 0.1]
                              [--multilabel-weight 1.0] [--anatomy-weight 0.5] [--margin-weight 0.0]
+                             [--hard-negative-share 0.25] [--logit-speed 20]
 
 Unset options keep `training.FinetuneConfig`'s defaults. Reads the current `chart_clip_pretrained` and the data assets
 in --root (after `candle-vlm run`) and writes nothing there. Besides the test summary it prints the validation mean
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 from bench.common import machine_info  # noqa: E402
 from vlm_assets.storage import atomic_write  # noqa: E402
 
-OVERRIDES = ("contrastive_weight", "multilabel_weight", "anatomy_weight", "margin_weight")
+OVERRIDES = ("contrastive_weight", "multilabel_weight", "anatomy_weight", "margin_weight", "hard_negative_share",
+             "logit_speed")
 
 
 def run(args) -> dict:
@@ -41,7 +43,8 @@ def run(args) -> dict:
     artifacts = ArtifactStore(args.root)
     clip, _, pretrained_version = load_model_asset(artifacts, "chart_clip_pretrained", args.device)
     default = training.FinetuneConfig()
-    optim = dataclasses.replace(default.optim, steps=args.steps or default.optim.steps, lr=args.lr or default.optim.lr)
+    optim = dataclasses.replace(default.optim, steps=args.steps or default.optim.steps, lr=args.lr or default.optim.lr,
+                                batch_size=args.batch_size or default.optim.batch_size)
     changed = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name) is not None}
     config = dataclasses.replace(default, optim=optim, **changed)
     library = load_prompt_library()
@@ -62,7 +65,8 @@ def run(args) -> dict:
     evaluation = evaluate(val_images, val.drop(columns=["png"]), test_images, test.drop(columns=["png"]), prompts,
                           PromptEmbeddings.of(clip, library.with_paraphrases()))
     final = result.history.iloc[-1]
-    return {"pretrained_version": pretrained_version, "steps": optim.steps, "lr": optim.lr,
+    return {"pretrained_version": pretrained_version, "steps": optim.steps, "batch_size": optim.batch_size,
+            "lr": optim.lr,
             **{name: getattr(config, name) for name in OVERRIDES},
             "train_seconds": round(seconds, 1), "images_per_s": round(result.images_seen / seconds, 1),
             "final_losses": {k: round(float(final[k]), 4) for k in result.history.columns if k not in ("step", "lr")},
@@ -74,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("artifacts"))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the pipeline's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="charts per step (default: the pipeline's)")
     parser.add_argument("--lr", type=float, default=None)
     for name in OVERRIDES:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=None)
@@ -86,9 +91,10 @@ def main() -> int:
     if args.json:
         atomic_write(args.json, text.encode())
     test = report["test"]
-    print("| steps | lr | contrastive | val mean AP | test F1 | precision | recall | neutral P | paraphrase P | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {report['steps']} | {report['lr']:g} | {report['contrastive_weight']:g} | {report['val_mean_ap']:.3f} | "
+    print("| steps | batch | lr | contrastive | val mean AP | test F1 | precision | recall | neutral P | paraphrase P "
+          "| seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {report['steps']} | {report['batch_size']} | {report['lr']:g} | {report['contrastive_weight']:g} | {report['val_mean_ap']:.3f} | "
           f"{test['core_macro_f1']:.3f} | {test['core_macro_precision']:.3f} | {test['core_macro_recall']:.3f} | "
           f"{test['neutral_precision']:.3f} | {test['paraphrase_macro_precision']:.3f} | {report['train_seconds']} |")
     return 0

@@ -178,3 +178,24 @@ def test_fuser_falls_back_to_late_fusion_and_says_why(run):
     assert meta["fuser"]["active"].value == "late" and meta["fuser"]["reason"].value == fuser.reason
     checks = check_outcomes(result)
     assert checks["fuser_loads"] and "fusion_beats_single_models" in checks
+
+
+def test_finetune_ablation_bench_trains_from_the_stored_model_and_writes_nothing(run):
+    import argparse
+
+    from bench import finetune as finetune_bench
+
+    root, _ = run
+    before = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    args = argparse.Namespace(root=root, steps=2, batch_size=6, lr=None, device="cpu", contrastive_weight=0.0,
+                              multilabel_weight=None, anatomy_weight=None, margin_weight=None, hard_negative_share=0.5,
+                              logit_speed=None)
+    report = finetune_bench.run(args)
+    store = ArtifactStore(root)
+    assert report["pretrained_version"] == store.current_version("chart_clip_pretrained")
+    assert (report["steps"], report["batch_size"]) == (2, 6)
+    assert report["contrastive_weight"] == 0.0 and report["hard_negative_share"] == 0.5
+    assert report["anatomy_weight"] == 0.5 and report["logit_speed"] == 20.0  # unset: FinetuneConfig's defaults
+    assert 0.0 <= report["val_mean_ap"] <= 1.0 and "core_macro_f1" in report["test"]
+    assert "contrastive" not in report["final_losses"] or report["final_losses"]["contrastive"] == 0.0
+    assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == before
