@@ -70,7 +70,7 @@ def run(args) -> dict:
             **{name: getattr(config, name) for name in OVERRIDES},
             "train_seconds": round(seconds, 1), "images_per_s": round(result.images_seen / seconds, 1),
             "final_losses": {k: round(float(final[k]), 4) for k in result.history.columns if k not in ("step", "lr")},
-            "val_mean_ap": round(val_map, 4),
+            "pattern_logit_scale": result.extra["pattern_logit_scale"], "val_mean_ap": round(val_map, 4),
             "test": {k: round(v, 4) for k, v in evaluation.summary().items()}}
 
 
@@ -94,7 +94,8 @@ def main() -> int:
     print("| steps | batch | lr | contrastive | val mean AP | test F1 | precision | recall | neutral P | paraphrase P "
           "| seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {report['steps']} | {report['batch_size']} | {report['lr']:g} | {report['contrastive_weight']:g} | {report['val_mean_ap']:.3f} | "
+    print(f"| {report['steps']} | {report['batch_size']} | {report['lr']:g} | {report['contrastive_weight']:g} | "
+          f"{report['val_mean_ap']:.3f} | "
           f"{test['core_macro_f1']:.3f} | {test['core_macro_precision']:.3f} | {test['core_macro_recall']:.3f} | "
           f"{test['neutral_precision']:.3f} | {test['paraphrase_macro_precision']:.3f} | {report['train_seconds']} |")
     return 0

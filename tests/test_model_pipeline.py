@@ -196,6 +196,6 @@ def test_finetune_ablation_bench_trains_from_the_stored_model_and_writes_nothing
     assert (report["steps"], report["batch_size"]) == (2, 6)
     assert report["contrastive_weight"] == 0.0 and report["hard_negative_share"] == 0.5
     assert report["anatomy_weight"] == 0.5 and report["logit_speed"] == 20.0  # unset: FinetuneConfig's defaults
-    assert 0.0 <= report["val_mean_ap"] <= 1.0 and "core_macro_f1" in report["test"]
+    assert 0.0 <= report["val_mean_ap"] <= 1.0 and "core_macro_f1" in report["test"] and report["pattern_logit_scale"] > 0
     assert "contrastive" not in report["final_losses"] or report["final_losses"]["contrastive"] == 0.0
     assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == before

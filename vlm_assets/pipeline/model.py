@@ -85,7 +85,8 @@ class FinetuneAssetConfig(TrainConfig):
             optim=self.optim(), stream=dataclasses.replace(training.FinetuneConfig.stream, seed=self.stream_seed),
             unfreeze=training.Unfreeze(self.image_layers, self.text_layers), anatomy_weight=self.anatomy_weight,
             contrastive_weight=self.contrastive_weight, multilabel_weight=self.multilabel_weight,
-            logit_speed=self.logit_speed, margin_weight=self.margin_weight, hard_negative_share=self.hard_negative_share, lock_text=self.lock_text)
+            logit_speed=self.logit_speed, margin_weight=self.margin_weight, hard_negative_share=self.hard_negative_share,
+            lock_text=self.lock_text)
 
 
 def dataset_windows(artifacts: ArtifactStore, columns=None) -> pd.DataFrame:
