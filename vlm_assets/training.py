@@ -538,9 +538,7 @@ class PatternLogits(torch.nn.Module):
 
     def __init__(self, n_patterns: int, speed: float = 1.0):
         super().__init__()
-        if not speed > 0:
-            raise ValueError(f"speed must be > 0, got {speed}")
-        self.speed = float(speed)
+        self.speed = float(speed)  # FinetuneConfig checks logit_speed > 0
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0) / self.speed))
         self.bias = torch.nn.Parameter(torch.full((n_patterns,), -2.0 / self.speed))
 
