@@ -4,6 +4,7 @@
 import asyncio
 import concurrent.futures
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -148,9 +149,9 @@ def test_predictor_answers_trained_library_and_free_text_patterns(promoted):
     shares = predictor.prompt_probabilities(embedding[None, :], ["a hammer", "a doji", "an inside bar"])
     assert shares.sum() == pytest.approx(1.0)
     # Every backend encodes the same chart to nearly the same embedding (the promotion guard decides on accuracy).
-    for backend in ("torch-bf16", "onnx-fp32", "onnx-int8"):
+    for backend in ("torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-static"):
         other = Predictor(promotion.promoted(NAME).path, backend=backend).encode([image, image.rotate(90)])
-        assert float(other[0] @ embedding) > (0.9999 if backend == "onnx-fp32" else 0.99), backend
+        assert float(other[0] @ embedding) > {"onnx-fp32": 0.9999, "onnx-int8-static": 0.98}.get(backend, 0.99), backend
         assert np.linalg.norm(other, axis=1) == pytest.approx([1.0, 1.0], abs=1e-2)  # bf16 keeps ~3 digits
     with pytest.raises(ValueError, match="backend 'onnx-fp16'"):
         Predictor(promotion.promoted(NAME).path, backend="onnx-fp16")
@@ -189,6 +190,51 @@ def test_an_encoder_the_guard_refuses_is_not_served(promoted, tmp_path):
     assert not serving["candidates"]["onnx-int8"]["accepted"]
     assert "beyond" in serving["candidates"]["onnx-int8"]["reason"]
     assert (bundle / "image_encoder.int8.onnx").exists() and "image_encoder.int8.onnx" in manifest["files"]
+
+
+def test_static_int8_is_calibrated_on_validation_charts_and_refused_without_them(promoted, tmp_path):
+    root, _ = promoted
+    from vlm_assets.pipeline.serving import _calibration_charts, _test_split
+
+    store = ArtifactStore(root)
+    split = _test_split(store)
+    charts = _calibration_charts(store, 8)
+    val = {png for png, part in zip(*_dataset_pngs(store)) if part == "val"}
+    assert len(charts) == 8 and set(charts) <= val and not set(charts) & set(split.pngs)
+    bundle = tmp_path / "bundle"
+    manifest = promotion.assemble_bundle(store, bundle, "test")
+    reference = Predictor(bundle)
+    scores = promotion.score(reference, split)
+    refused = promotion.choose_encoder(manifest, reference, split, scores, ["onnx-int8-static"], max_drop=1.0)
+    row = refused["candidates"]["onnx-int8-static"]
+    assert not row["accepted"] and "no calibration charts" in row["reason"]
+    assert not (bundle / encoders.ONNX_FILES["onnx-int8-static"]).exists()
+    serving = promotion.choose_encoder(manifest, reference, split, scores, ["onnx-int8-static"], max_drop=1.0,
+                                       calibration=charts)
+    assert serving["calibration_charts"] == 8 and serving["candidates"]["onnx-int8-static"]["accepted"]
+    static = bundle / encoders.ONNX_FILES["onnx-int8-static"]
+    assert manifest["files"][static.name] == hashlib.sha256(static.read_bytes()).hexdigest()
+    # The convolutions and matrix products run on int8: every one of them reads dequantized int8 weights.
+    import onnx
+
+    graph = onnx.load(str(static)).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    weighted = [node for node in graph.node if node.op_type in encoders.STATIC_INT8_OPS]
+    assert weighted and all(producers.get(node.input[1]) == "DequantizeLinear" for node in weighted)
+    # The same charts give the same file.
+    again = tmp_path / "again.onnx"
+    pixels = encoders.pixel_batch([reference.chart_image(Image.open(io.BytesIO(png))) for png in charts])
+    encoders.quantize_int8_static(bundle / encoders.ONNX_FILES["onnx-fp32"], again, pixels)
+    assert again.read_bytes() == static.read_bytes()
+    with pytest.raises(ValueError, match=r"calibration pixels: expected uint8 .* got float32 \(2, 224, 224, 3\)"):
+        encoders.quantize_int8_static(bundle / encoders.ONNX_FILES["onnx-fp32"], again, pixels[:2].astype(np.float32))
+
+
+def _dataset_pngs(store):
+    from vlm_assets.pipeline.model import dataset_windows
+
+    windows = dataset_windows(store)
+    return windows["png"].tolist(), windows["split"].tolist()
 
 
 def test_the_service_class_called_directly(promoted, tmp_path, monkeypatch):

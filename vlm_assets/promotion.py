@@ -153,11 +153,13 @@ def encode_latency_ms(predictor: Predictor, image, runs: int = 30) -> float:
 
 
 def choose_encoder(manifest: dict, reference: Predictor, split: TestSplit, reference_scores: dict,
-                   candidates: list[str], max_drop: float, threads: int = 0) -> dict:
+                   candidates: list[str], max_drop: float, threads: int = 0,
+                   calibration: list[bytes] = ()) -> dict:
     """Export the ONNX encoders into the bundle beside `reference` (the torch fp32 predictor), score every candidate
     backend on the test split through the serving path, and rank those that pass the accuracy guard by their
     measured batch-1 latency. Records the result as `manifest["serving"]` (the service runs the fastest accepted
-    backend it can run) and the exported files in `manifest["files"]`."""
+    backend it can run) and the exported files in `manifest["files"]`. `calibration`: charts (PNG) outside the test
+    split whose activation ranges `onnx-int8-static` is quantized with."""
     from PIL import Image
 
     directory = reference.directory
@@ -171,7 +173,7 @@ def choose_encoder(manifest: dict, reference: Predictor, split: TestSplit, refer
             continue
         try:
             if backend in encoders.ONNX_FILES:
-                _export(reference, backend)
+                _export(reference, backend, calibration)
         except Exception as error:  # noqa: BLE001  an exotic open_clip model the exporter cannot trace: serve torch
             report[backend] = {"accepted": False, "reason": f"export failed: {type(error).__name__}: {error}"}
             continue
@@ -188,6 +190,7 @@ def choose_encoder(manifest: dict, reference: Predictor, split: TestSplit, refer
     chosen = ranking[0]
     manifest["serving"] = {
         "encoder": chosen, "ranking": ranking, "candidates": report, "max_drop": max_drop,
+        "calibration_charts": len(calibration),
         "reason": f"fastest backend within {max_drop:.4f} of torch-fp32 on the test split "
                   f"({report[chosen]['encode_ms']:.1f} ms per chart at batch 1 here)"}
     for name in encoders.ONNX_FILES.values():
@@ -196,12 +199,20 @@ def choose_encoder(manifest: dict, reference: Predictor, split: TestSplit, refer
     return manifest["serving"]
 
 
-def _export(reference: Predictor, backend: str) -> None:
+def _export(reference: Predictor, backend: str, calibration: list[bytes]) -> None:
+    from PIL import Image
+
     fp32 = reference.directory / encoders.ONNX_FILES["onnx-fp32"]
     if not fp32.exists():
         encoders.export_onnx(reference.clip, fp32)
+    target = reference.directory / encoders.ONNX_FILES[backend]
     if backend == "onnx-int8":
-        encoders.quantize_int8(fp32, reference.directory / encoders.ONNX_FILES["onnx-int8"])
+        encoders.quantize_int8(fp32, target)
+    elif backend == "onnx-int8-static":
+        if not calibration:
+            raise ValueError("no calibration charts: static int8 needs charts to measure activation ranges on")
+        charts = [reference.chart_image(Image.open(io.BytesIO(png))) for png in calibration]
+        encoders.quantize_int8_static(fp32, target, encoders.pixel_batch(charts))
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from dagster import AssetExecutionContext, Config, DataVersion, MaterializeResult, MetadataValue, asset
 from pydantic import Field
@@ -22,7 +23,7 @@ from vlm_assets.serving.predictor import Predictor
 from vlm_resources import ArtifactStoreResource, ComputeResource
 
 SERVING_GROUP = "serving"
-PROMOTION_CODE_VERSION = "3"
+PROMOTION_CODE_VERSION = "4"
 
 
 class PromotionConfig(Config):
@@ -30,11 +31,21 @@ class PromotionConfig(Config):
     force: bool = Field(default=False, description="promote without comparing (e.g. after a breaking change)")
     model_name: str = Field(default=promotion.MODEL_NAME, description="name in the BentoML model store")
     render_bars: int = Field(default=120, description="bars a served chart shows (training windows: 50-120)")
-    encoders: list[str] = Field(default=["torch-bf16", "onnx-fp32", "onnx-int8"],
+    encoders: list[str] = Field(default=["torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-static"],
                                 description="image-encoder backends measured against torch-fp32; the fastest one the "
                                 "accuracy guard accepts is served (torch-bf16 only where bf16 is native)")
+    calibration_charts: int = Field(default=256, ge=1, description="validation charts, evenly spaced over the split, "
+                                    "that onnx-int8-static's activation ranges are calibrated on")
     max_accuracy_drop: float = Field(default=0.005, description="largest drop of test macro F1 / recall (with bars "
                                      "and image only) a backend may cause against torch-fp32 (0.005 = 0.5 points)")
+
+
+def _calibration_charts(artifacts, count: int) -> list[bytes]:
+    """`count` validation charts spread evenly over the split (the test split is the accuracy guard's)."""
+    windows = dataset_windows(artifacts)
+    val = windows[windows["split"] == "val"].reset_index(drop=True)
+    rows = np.unique(np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int)) if len(val) else []
+    return val["png"].iloc[rows].tolist()
 
 
 def _test_split(artifacts) -> promotion.TestSplit:
@@ -63,7 +74,8 @@ def promoted_model(context: AssetExecutionContext, config: PromotionConfig, stor
         candidate = promotion.score(reference, split)
         context.log.info(f"candidate {manifest['bundle_id']}: test macro F1 {candidate['macro_f1']:.4f}")
         serving = promotion.choose_encoder(manifest, reference, split, candidate, config.encoders,
-                                           config.max_accuracy_drop, compute.threads)
+                                           config.max_accuracy_drop, compute.threads,
+                                           _calibration_charts(artifacts, config.calibration_charts))
         context.log.info(f"image encoder {serving['encoder']}: {serving['reason']}")
         (Path(scratch) / "bundle.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         incumbent_metrics, incumbent_note = None, None

@@ -1,5 +1,7 @@
 """Image-encoder backends: the fine-tuned image tower in torch (fp32, or bf16 autocast), or exported to ONNX and run
-by ONNX Runtime (fp32, or int8 weights with dynamically quantized activations).
+by ONNX Runtime: fp32; `onnx-int8`, int8 weights for the matrix products with activations quantized per call
+(dynamic); `onnx-int8-static`, int8 convolutions and matrix products with activation ranges calibrated once on
+validation charts (static, QDQ).
 
 The exported graph takes what the service has in hand, uint8 RGB pixels (n, height, width, 3) at the model's input
 size, and returns L2-normalized embeddings: normalization and layout are in the graph, so a request costs one
@@ -10,6 +12,7 @@ Promotion exports both files into the bundle and picks the fastest backend that 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -19,11 +22,14 @@ import numpy as np
 
 from vlm_assets.storage import atomic_write
 
-BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
-ONNX_FILES = {"onnx-fp32": "image_encoder.onnx", "onnx-int8": "image_encoder.int8.onnx"}
-# Only matrix products get int8 weights: ONNX Runtime's integer convolution (ConvInteger) ran slower than fp32 on
-# the convolutional trunk here, while int8 MatMul halves the transformer's time (docs/benchmarks.md).
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8", "onnx-int8-static")
+ONNX_FILES = {"onnx-fp32": "image_encoder.onnx", "onnx-int8": "image_encoder.int8.onnx",
+              "onnx-int8-static": "image_encoder.int8-static.onnx"}
+# Dynamic int8 quantizes only the matrix products: ONNX Runtime's dynamic integer convolution (ConvInteger) ran slower
+# than fp32 on the convolutional trunk here, while int8 MatMul halves the transformer's time. With calibrated
+# activation ranges the convolutions run as QLinearConv, which is faster than fp32 (docs/benchmarks.md).
 INT8_OPS = ["MatMul", "Gemm"]
+STATIC_INT8_OPS = ["Conv", "MatMul", "Gemm"]
 
 
 def check_backend(backend: str) -> str:
@@ -114,21 +120,65 @@ def export_onnx(clip, path: str | os.PathLike) -> None:
 
 def quantize_int8(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """int8 weights for the matrix products of `source`, activations quantized per call (atomic write)."""
-    import logging
-    import tempfile
-
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _staged(target) as staged, _quiet_quantizer():
+        quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)
+
+
+def quantize_int8_static(source: str | os.PathLike, target: str | os.PathLike, pixels: np.ndarray,
+                         batch_size: int = 16) -> None:
+    """int8 convolutions and matrix products of `source` (weights per channel, activations per tensor) with activation
+    ranges calibrated on `pixels`, uint8 (n, height, width, 3) charts the model was not tested on (atomic write)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8 or len(pixels) == 0:
+        raise ValueError(f"calibration pixels: expected uint8 (n >= 1, height, width, 3), got {pixels.dtype} "
+                         f"{pixels.shape}")
+
+    class Charts(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(range(0, len(pixels), batch_size))
+
+        def get_next(self):
+            start = next(self.batches, None)
+            return None if start is None else {"pixels": pixels[start:start + batch_size]}
+
+    with _staged(target) as staged, _quiet_quantizer():
+        # Shape inference and graph folding first (BatchNorm into its convolution), as ONNX Runtime advises; the
+        # symbolic pass cannot follow the exporter's dynamic-batch Expand, ONNX's own inference can.
+        prepared = staged.with_suffix(".prepared.onnx")
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(staged), Charts(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=STATIC_INT8_OPS, calibrate_method=CalibrationMethod.MinMax)
+
+
+@contextlib.contextmanager
+def _staged(target: str | os.PathLike):
+    """A path in a scratch directory beside `target`, moved onto `target` when the block succeeds."""
+    import tempfile
 
     target = Path(target)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         staged = Path(scratch) / target.name
-        root, level = logging.getLogger(), logging.getLogger().level
-        root.setLevel(logging.ERROR)  # the quantizer logs its generic advice on pre-processing as warnings
-        try:
-            quantize_dynamic(str(source), str(staged), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)
-        finally:
-            root.setLevel(level)
+        yield staged
         os.replace(staged, target)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """The quantizer logs its generic advice on pre-processing as warnings."""
+    import logging
+
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class OnnxEncoder:
