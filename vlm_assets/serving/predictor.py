@@ -11,7 +11,8 @@ A bundle is a directory:
   resnet.safetensors(.json)   the ResNet baseline, only when fusion uses it
   prompt_library.json         the prompt library the evaluation selected from
   prompt_embeddings.npy       that library's prompt embeddings (computed once per model version)
-  image_encoder(.int8).onnx   the image tower exported for ONNX Runtime, fp32 and int8 (vlm_assets.serving.encoders)
+  image_encoder(.int8|.int8-static).onnx   the image tower for ONNX Runtime: fp32, dynamic int8, static int8
+                              (vlm_assets.serving.encoders)
   gate.json, direction_model.json   the trading signal gate (vlm_assets.trading), when promoted with one
 """
 
