@@ -161,6 +161,56 @@ def test_pretrain_and_finetune_run_and_are_deterministic(windows):
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
+def test_whitening_spreads_features_that_share_a_common_direction():
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=16)
+    common *= np.sqrt(8) / np.linalg.norm(common)
+    features = common + 0.5 * rng.normal(size=(200, 16))  # alike, as MiniLM embeds templated captions
+
+    def mean_cosine(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return float((x @ x.T)[~np.eye(len(x), dtype=bool)].mean())
+
+    weight = training.whitening_projection(features, 8, shrinkage=1.0)
+    assert weight.shape == (8, 16) and weight.dtype == np.float32
+    assert mean_cosine(features) > 0.6 and mean_cosine(features @ weight.T) < 0.45
+    # More shrinkage whitens less; the map is a function of its input.
+    assert mean_cosine(features @ training.whitening_projection(features, 8, 100.0).T) > mean_cosine(features @ weight.T)
+    np.testing.assert_array_equal(weight, training.whitening_projection(features, 8, 1.0))
+    with pytest.raises(ValueError, match=r"whitening: need .* got \(200, 16\) and -1"):
+        training.whitening_projection(features, 8, -1)
+    with pytest.raises(ValueError, match="width >= 32"):
+        training.whitening_projection(features, 32, 1.0)
+
+
+def test_pretraining_whitens_an_untrained_text_projection_only(windows, tmp_path):
+    optim = training.OptimConfig(steps=1, batch_size=6, warmup_steps=1, workers=0)
+    config = training.PretrainConfig(optim=optim, caption_pool=24)
+    clip = chart_model.create(device="cpu")
+    created = clip.model.text.proj.weight.clone()
+    pool = windows.plan(np.random.default_rng(config.stream.seed), config.caption_pool)
+    captions = sorted({windows.anatomy_caption(plan) for plan in pool})
+    with torch.no_grad():
+        before = clip.encode_texts(captions).float().numpy()
+    result = training.pretrain(clip, windows, config)
+    assert result.extra["text_whitening"] == config.text_whitening and not torch.equal(created, clip.model.text.proj.weight)
+    with torch.no_grad():
+        after = clip.encode_texts(captions).float().numpy()
+    # The pool's captions move apart, and the text tower stays locked: pre-training changed only the projection,
+    # once, before the first step.
+    off = ~np.eye(len(captions), dtype=bool)
+    assert (after @ after.T)[off].mean() < (before @ before.T)[off].mean() - 0.2
+    # A text projection that was trained (loaded through `pretrained`) is left as it is.
+    path = chart_model.save_checkpoint(clip, tmp_path / "model.safetensors")
+    trained = chart_model.create(chart_model.ModelSpec(pretrained=str(path)), device="cpu")
+    weight = trained.model.text.proj.weight.clone()
+    again = training.pretrain(trained, windows, config)
+    assert again.extra["text_whitening"] is None and torch.equal(weight, trained.model.text.proj.weight)
+    unwhitened = training.pretrain(chart_model.create(device="cpu"), windows,
+                                   training.PretrainConfig(optim=optim, caption_pool=24, text_whitening=None))
+    assert unwhitened.extra["text_whitening"] is None
+
+
 def test_pattern_logits_speed_moves_scale_and_bias_faster_without_changing_the_logits():
     image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     classes = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)

@@ -121,6 +121,25 @@ class ChartCLIP:
             batch = torch.stack([self.preprocess(i) for i in images])
         return self.model.encode_image(batch.to(self.device), normalize=normalize)
 
+    def whitenable_text_projection(self):
+        """The text tower's final linear map when it is an untrained one: a fresh HF tower's bias-free linear projection
+        (the ChartCLIP configs). None for pretrained weights or any other text tower."""
+        import torch
+        from open_clip.hf_model import HFTextEncoder
+
+        text = getattr(self.model, "text", None)
+        if self.spec.pretrained or not isinstance(text, HFTextEncoder):
+            return None
+        projection = text.proj
+        return projection if isinstance(projection, torch.nn.Linear) and projection.bias is None else None
+
+    def pooled_text_features(self, texts: list[str]):
+        """An HF text tower's pooled output, before its final projection: (n, width)."""
+        text = self.model.text
+        tokens = self.tokenize(texts)
+        mask = (tokens != text.config.pad_token_id).long()
+        return text.pooler(text.transformer(input_ids=tokens, attention_mask=mask), mask)
+
     def input_normalization(self) -> tuple[tuple[int, int], list[float], list[float]] | None:
         """(height, width), channel mean and std when `preprocess` is only resize, crop and normalize: then an image
         already at the input size needs nothing but the normalization. None for any other preprocessing."""

@@ -110,6 +110,10 @@ class PretrainConfig:
     anatomy_weight: float = 1.0
     lock_text: bool = True  # freeze the whole text tower and embed a fixed caption pool once (see pretrain)
     caption_pool: int = 12000
+    # Whiten the text space on the caption pool with this shrinkage (see whitening_projection); None keeps the
+    # projection as created. Applies with `lock_text` to an untrained projection (the ChartCLIP configs), never to
+    # pretrained weights. Validation mean AP after fine-tuning: 0.519 without, 0.537 at 1.0, 0.558 at 4.0.
+    text_whitening: float | None = 4.0
 
 
 @dataclass(frozen=True)
@@ -575,7 +579,15 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
     pool = windows.plan(rng, config.caption_pool) if config.lock_text else []
     texts = [windows.anatomy_caption(plan) for plan in pool]
     unique, caption_ids = np.unique(np.asarray(texts, dtype=object), return_inverse=True) if texts else ([], [])
-    bank = _encode_locked(clip, list(unique), caption_progress) if config.lock_text else None
+    projection = clip.whitenable_text_projection() if config.text_whitening is not None and len(unique) else None
+    if projection is not None:
+        pooled = _encode_locked(clip, list(unique), caption_progress, features=clip.pooled_text_features)
+        weight = whitening_projection(pooled.double().numpy(), projection.out_features, config.text_whitening)
+        with torch.no_grad():
+            projection.weight.copy_(torch.from_numpy(weight).to(projection.weight))
+            bank = torch.nn.functional.normalize(pooled @ projection.weight.detach().cpu().float().T, dim=-1)
+    else:
+        bank = _encode_locked(clip, list(unique), caption_progress) if config.lock_text else None
 
     def draw(draw_rng, step):
         share = config.stream.randomized_share(step, config.optim.steps)
@@ -605,16 +617,39 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
                     captions=not config.lock_text)  # a locked tower's captions come from the embedded pool
     result.extra["caption_pool"] = len(pool)
     result.extra["distinct_captions"] = len(unique)
+    result.extra["text_whitening"] = config.text_whitening if projection is not None else None
     return result
 
 
-def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size: int = 256):
-    """Normalized text embeddings of a frozen text tower, computed once. The caller keeps the tower in eval mode (no
-    dropout): models come from `create`/`load_checkpoint` in eval mode, and `_train` keeps `frozen` towers there."""
+def whitening_projection(features: np.ndarray, out_dim: int, shrinkage: float) -> np.ndarray:
+    """(out_dim, width) map whitening `features` (n, width), BERT-whitening with shrinkage (Su et al., 2021).
+
+    The locked MiniLM tower embeds the templated captions almost alike (pairwise cosine 0.67 on average; the core
+    prompt ensembles up to 0.97), so a chart's caption is hard to tell from the others and the pattern prompts hard
+    to tell apart. This map keeps the `out_dim` principal directions of the features' second moment, each scaled by
+    1 / sqrt(eigenvalue + shrinkage * mean eigenvalue): the common direction all captions share shrinks, the
+    directions captions differ along grow, and the shrinkage keeps near-empty directions from being blown up. The
+    moment is uncentred because open_clip's projection has no bias. Scale is irrelevant after normalization; the
+    map has the Frobenius norm of a unit row per output."""
+    if features.ndim != 2 or len(features) < 2 or out_dim > features.shape[1] or shrinkage < 0:
+        raise ValueError(f"whitening: need (n >= 2, width >= {out_dim}) features and shrinkage >= 0, got "
+                         f"{features.shape} and {shrinkage}")
+    eigenvalues, vectors = np.linalg.eigh(features.T @ features / len(features))
+    keep = np.argsort(eigenvalues)[::-1][:out_dim]
+    eigenvalues, vectors = np.clip(eigenvalues[keep], 0.0, None), vectors[:, keep]
+    weight = (vectors / np.sqrt(eigenvalues + shrinkage * eigenvalues.mean())).T
+    return (weight * np.sqrt(out_dim) / np.linalg.norm(weight)).astype(np.float32)
+
+
+def _encode_locked(clip, texts: list[str], progress: Callable | None, batch_size: int = 256, features=None):
+    """Normalized text embeddings of a frozen text tower (or other `features` of the texts), computed once. The caller
+    keeps the tower in eval mode (no dropout): models come from `create`/`load_checkpoint` in eval mode, and `_train`
+    keeps `frozen` towers there."""
+    features = features or clip.encode_texts
     rows = []
     with torch.no_grad(), autocast_context(clip.device, "auto"):
         for start in range(0, len(texts), batch_size):
-            rows.append(clip.encode_texts(texts[start:start + batch_size]).float().cpu())
+            rows.append(features(texts[start:start + batch_size]).float().cpu())
             if progress is not None:
                 progress(min(start + batch_size, len(texts)), len(texts))
     return torch.cat(rows) if rows else torch.zeros(0)

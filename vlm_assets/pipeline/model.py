@@ -53,6 +53,10 @@ class PretrainAssetConfig(TrainConfig):
                               description="windows whose anatomy captions are embedded once (locked text tower)")
     lock_text: bool = Field(default=training.PretrainConfig.lock_text,
                             description="freeze the whole text tower (captions from the pool); false: train text_layers")
+    text_whitening: float | None = Field(
+        default=training.PretrainConfig.text_whitening,
+        description="whiten the text space on the caption pool with this shrinkage (null: off); only an untrained "
+                    "text projection is whitened (the ChartCLIP configs, lock_text)")
     model_name: str = Field(default=chart_model.DEFAULT_MODEL, description="open_clip model name")
     pretrained: str = Field(default="", description="open_clip pretrained tag or a local checkpoint path (empty: none)")
 
@@ -60,7 +64,7 @@ class PretrainAssetConfig(TrainConfig):
         return training.PretrainConfig(optim=self.optim(), stream=dataclasses.replace(training.PretrainConfig.stream, seed=self.stream_seed),
                                        unfreeze=training.Unfreeze(self.image_layers, self.text_layers),
                                        anatomy_weight=self.anatomy_weight, lock_text=self.lock_text,
-                                       caption_pool=self.caption_pool)
+                                       caption_pool=self.caption_pool, text_whitening=self.text_whitening)
 
 
 class FinetuneAssetConfig(TrainConfig):
@@ -151,7 +155,7 @@ def timing(result: training.TrainResult) -> dict:
     return {"seconds": round(result.seconds, 1), "images_per_s": round(result.images_seen / max(result.seconds, 1e-9), 1)}
 
 
-@asset(group_name=MODEL_GROUP, code_version="3", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
+@asset(group_name=MODEL_GROUP, code_version="4", deps=[vlm_dataset, pattern_labels], kinds={"pytorch"})
 def chart_clip_pretrained(context: AssetExecutionContext, config: PretrainAssetConfig, store: ArtifactStoreResource,
                           compute: ComputeResource) -> MaterializeResult:
     """Domain pre-training: image-text contrastive on anatomy captions (no pattern names) + an anatomy head."""
