@@ -126,8 +126,8 @@ class FinetuneConfig:
     # written for.
     lock_text: bool = True
     # The caption contrastive term stays small: named captions embed almost alike in the locked MiniLM space, and
-    # their pull fights the labels (validation mean AP after 250 steps: 0.242 at weight 1.0, 0.299 at 0.03;
-    # docs/model.md).
+    # their pull fights the labels (validation mean AP after 250 steps: 0.242 at weight 1.0, 0.299 at 0.03, measured
+    # before the text space was whitened; docs/model.md).
     contrastive_weight: float = 0.03
     multilabel_weight: float = 1.0
     # How much faster than the tower the multi-label head's scale and biases learn (see PatternLogits).
@@ -537,8 +537,8 @@ class PatternLogits(torch.nn.Module):
 
     The scale and biases are stored divided by `speed`, so Adam, whose steps are about the learning rate in a
     parameter's own units, moves them `speed` times as fast as the tower's weights. At the tower's pace the scale
-    could only grow from 10 to about 13 in fine-tuning, and the closest prompt ensembles (cosine 0.97) then cap the
-    logit gap between their patterns at about 3 (docs/model.md)."""
+    could only grow from 10 to about 13 in fine-tuning, and the closest prompt ensembles (cosine 0.97 in the
+    unwhitened text space) then cap the logit gap between their patterns at about 3 (docs/model.md)."""
 
     def __init__(self, n_patterns: int, speed: float = 1.0):
         super().__init__()
