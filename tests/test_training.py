@@ -175,7 +175,8 @@ def test_whitening_spreads_features_that_share_a_common_direction():
     assert weight.shape == (8, 16) and weight.dtype == np.float32
     assert mean_cosine(features) > 0.6 and mean_cosine(features @ weight.T) < 0.45
     # More shrinkage whitens less; the map is a function of its input.
-    assert mean_cosine(features @ training.whitening_projection(features, 8, 100.0).T) > mean_cosine(features @ weight.T)
+    shrunk = training.whitening_projection(features, 8, 100.0)
+    assert mean_cosine(features @ shrunk.T) > mean_cosine(features @ weight.T)
     np.testing.assert_array_equal(weight, training.whitening_projection(features, 8, 1.0))
     with pytest.raises(ValueError, match=r"whitening: need .* got \(200, 16\) and -1"):
         training.whitening_projection(features, 8, -1)
@@ -193,7 +194,8 @@ def test_pretraining_whitens_an_untrained_text_projection_only(windows, tmp_path
     with torch.no_grad():
         before = clip.encode_texts(captions).float().numpy()
     result = training.pretrain(clip, windows, config)
-    assert result.extra["text_whitening"] == config.text_whitening and not torch.equal(created, clip.model.text.proj.weight)
+    assert result.extra["text_whitening"] == config.text_whitening
+    assert not torch.equal(created, clip.model.text.proj.weight)
     with torch.no_grad():
         after = clip.encode_texts(captions).float().numpy()
     # The pool's captions move apart, and the text tower stays locked: pre-training changed only the projection,
