@@ -186,7 +186,7 @@ def test_whitening_spreads_features_that_share_a_common_direction():
 
 def test_pretraining_whitens_an_untrained_text_projection_only(windows, tmp_path):
     optim = training.OptimConfig(steps=1, batch_size=6, warmup_steps=1, workers=0)
-    config = training.PretrainConfig(optim=optim, caption_pool=24)
+    config = training.PretrainConfig(optim=optim, caption_pool=300)  # at least 256 distinct captions
     clip = chart_model.create(device="cpu")
     created = clip.model.text.proj.weight.clone()
     pool = windows.plan(np.random.default_rng(config.stream.seed), config.caption_pool)
@@ -207,10 +207,16 @@ def test_pretraining_whitens_an_untrained_text_projection_only(windows, tmp_path
     trained = chart_model.create(chart_model.ModelSpec(pretrained=str(path)), device="cpu")
     weight = trained.model.text.proj.weight.clone()
     again = training.pretrain(trained, windows, config)
-    assert again.extra["text_whitening"] is None and torch.equal(weight, trained.model.text.proj.weight)
-    unwhitened = training.pretrain(chart_model.create(device="cpu"), windows,
-                                   training.PretrainConfig(optim=optim, caption_pool=24, text_whitening=None))
-    assert unwhitened.extra["text_whitening"] is None
+    assert again.extra["text_whitening"].startswith("off: the text projection is pretrained")
+    assert torch.equal(weight, trained.model.text.proj.weight)
+    # Too few captions to estimate 256 directions, or turned off: the projection stays as created.
+    for pool, shrinkage, note in ((24, 4.0, "off: 24 distinct captions cannot estimate 256 directions"),
+                                  (300, None, "off")):
+        fresh = chart_model.create(device="cpu")
+        created = fresh.model.text.proj.weight.clone()
+        skipped = training.pretrain(fresh, windows, training.PretrainConfig(optim=optim, caption_pool=pool,
+                                                                            text_whitening=shrinkage))
+        assert skipped.extra["text_whitening"] == note and torch.equal(created, fresh.model.text.proj.weight)
 
 
 def test_pattern_logits_speed_moves_scale_and_bias_faster_without_changing_the_logits():

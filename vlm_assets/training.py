@@ -111,8 +111,8 @@ class PretrainConfig:
     lock_text: bool = True  # freeze the whole text tower and embed a fixed caption pool once (see pretrain)
     caption_pool: int = 12000
     # Whiten the text space on the caption pool with this shrinkage (see whitening_projection); None keeps the
-    # projection as created. Applies with `lock_text` to an untrained projection (the ChartCLIP configs), never to
-    # pretrained weights. Validation mean AP after fine-tuning (ablation runs): 0.519 without, 0.537 at 1.0, 0.558
+    # projection as created. Applies with `lock_text` to an untrained projection (the ChartCLIP configs) and a pool
+    # of at least as many distinct captions as the projection has outputs, never to pretrained weights. Validation mean AP after fine-tuning (ablation runs): 0.519 without, 0.537 at 1.0, 0.558
     # at 4.0.
     text_whitening: float | None = 4.0
 
@@ -580,7 +580,7 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
     pool = windows.plan(rng, config.caption_pool) if config.lock_text else []
     texts = [windows.anatomy_caption(plan) for plan in pool]
     unique, caption_ids = np.unique(np.asarray(texts, dtype=object), return_inverse=True) if texts else ([], [])
-    projection = clip.whitenable_text_projection() if config.text_whitening is not None and len(unique) else None
+    projection, whitening = _text_whitening(clip, config, len(unique))
     if projection is not None:
         pooled = _encode_locked(clip, list(unique), caption_progress, features=clip.pooled_text_features)
         weight = whitening_projection(pooled.double().numpy(), projection.out_features, config.text_whitening)
@@ -618,8 +618,22 @@ def pretrain(clip, windows: TrainingWindows, config: PretrainConfig, progress: C
                     captions=not config.lock_text)  # a locked tower's captions come from the embedded pool
     result.extra["caption_pool"] = len(pool)
     result.extra["distinct_captions"] = len(unique)
-    result.extra["text_whitening"] = config.text_whitening if projection is not None else None
+    result.extra["text_whitening"] = whitening
     return result
+
+
+def _text_whitening(clip, config: PretrainConfig, distinct_captions: int):
+    """The text projection pre-training whitens (or None), and what the result records: the shrinkage, or why not."""
+    if config.text_whitening is None:
+        return None, "off"
+    if not config.lock_text:
+        return None, "off: the text tower is not locked"
+    projection = clip.whitenable_text_projection()
+    if projection is None:
+        return None, "off: the text projection is pretrained or not an HF tower's linear map"
+    if distinct_captions < projection.out_features:  # fewer samples than directions: the map would be noise
+        return None, f"off: {distinct_captions} distinct captions cannot estimate {projection.out_features} directions"
+    return projection, config.text_whitening
 
 
 def whitening_projection(features: np.ndarray, out_dim: int, shrinkage: float) -> np.ndarray:

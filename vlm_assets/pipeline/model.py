@@ -56,7 +56,7 @@ class PretrainAssetConfig(TrainConfig):
     text_whitening: float | None = Field(
         default=training.PretrainConfig.text_whitening,
         description="whiten the text space on the caption pool with this shrinkage (null: off); only an untrained "
-                    "text projection is whitened (the ChartCLIP configs, lock_text)")
+                    "text projection is whitened (the ChartCLIP configs, lock_text, >= 256 distinct captions)")
     model_name: str = Field(default=chart_model.DEFAULT_MODEL, description="open_clip model name")
     pretrained: str = Field(default="", description="open_clip pretrained tag or a local checkpoint path (empty: none)")
 
