@@ -112,8 +112,8 @@ class PretrainConfig:
     caption_pool: int = 12000
     # Whiten the text space on the caption pool with this shrinkage (see whitening_projection); None keeps the
     # projection as created. Applies with `lock_text` to an untrained projection (the ChartCLIP configs) and a pool
-    # of at least as many distinct captions as the projection has outputs, never to pretrained weights. Validation mean AP after fine-tuning (ablation runs): 0.519 without, 0.537 at 1.0, 0.558
-    # at 4.0.
+    # of at least as many distinct captions as the projection has outputs, never to pretrained weights. Validation
+    # mean AP after fine-tuning (ablation runs): 0.519 without, 0.537 at 1.0, 0.558 at 4.0.
     text_whitening: float | None = 4.0
 
 
@@ -642,7 +642,7 @@ def whitening_projection(features: np.ndarray, out_dim: int, shrinkage: float) -
     The locked MiniLM tower embeds the templated captions almost alike (pairwise cosine 0.67 on average; the core
     prompt ensembles up to 0.97), so a chart's caption is hard to tell from the others and the pattern prompts hard
     to tell apart. This map keeps the `out_dim` principal directions of the features' second moment, each scaled by
-    1 / sqrt(eigenvalue + shrinkage * mean eigenvalue): the common direction all captions share shrinks, the
+    1 / sqrt(eigenvalue + shrinkage * the kept eigenvalues' mean): the common direction all captions share shrinks, the
     directions captions differ along grow, and the shrinkage keeps near-empty directions from being blown up. The
     moment is uncentred because open_clip's projection has no bias. Scale is irrelevant after normalization; the
     map has the Frobenius norm of a unit row per output."""
