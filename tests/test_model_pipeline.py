@@ -189,13 +189,34 @@ def test_finetune_ablation_bench_trains_from_the_stored_model_and_writes_nothing
     before = sorted(str(p) for p in root.rglob("*") if p.is_file())
     args = argparse.Namespace(root=root, steps=2, batch_size=6, lr=None, device="cpu", contrastive_weight=0.0,
                               multilabel_weight=None, anatomy_weight=None, margin_weight=None, hard_negative_share=0.5,
-                              logit_speed=None)
+                              logit_speed=None, pretrain_steps=None, text_whitening=None, caption_pool=None)
     report = finetune_bench.run(args)
     store = ArtifactStore(root)
-    assert report["pretrained_version"] == store.current_version("chart_clip_pretrained")
+    assert report["pretrained_version"] == store.current_version("chart_clip_pretrained") and "pretrained" not in report
     assert (report["steps"], report["batch_size"]) == (2, 6)
     assert report["contrastive_weight"] == 0.0 and report["hard_negative_share"] == 0.5
     assert report["anatomy_weight"] == 0.5 and report["logit_speed"] == 20.0  # unset: FinetuneConfig's defaults
     assert 0.0 <= report["val_mean_ap"] <= 1.0 and "core_macro_f1" in report["test"] and report["pattern_logit_scale"] > 0
     assert "contrastive" not in report["final_losses"] or report["final_losses"]["contrastive"] == 0.0
     assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == before
+
+
+def test_finetune_ablation_bench_can_pretrain_afresh_with_its_own_settings(run):
+    import argparse
+
+    from bench import finetune as finetune_bench
+
+    root, _ = run
+    before = sorted(str(p) for p in root.rglob("*") if p.is_file())
+    args = argparse.Namespace(root=root, steps=1, batch_size=6, lr=None, device="cpu", contrastive_weight=None,
+                              multilabel_weight=None, anatomy_weight=None, margin_weight=None, hard_negative_share=None,
+                              logit_speed=None, pretrain_steps=2, text_whitening="1.5", caption_pool=32)
+    report = finetune_bench.run(args)
+    pretrained = report["pretrained"]
+    assert report["pretrained_version"] == "fresh (this run)" and pretrained["steps"] == 2
+    # 32 windows' captions are too few to whiten 256 directions: the run says so instead of whitening noise
+    assert pretrained["text_whitening"].startswith("off: ") and "256 directions" in pretrained["text_whitening"]
+    assert 0.0 <= pretrained["val_mean_ap"] <= 1.0 and "core_macro_f1" in pretrained["test"]
+    assert report["steps"] == 1 and 0.0 <= report["val_mean_ap"] <= 1.0
+    assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == before
+    assert finetune_bench.whitening("off") is None and finetune_bench.whitening("4") == 4.0
