@@ -9,9 +9,9 @@ evaluation protocol of `model_evaluation` (validation-chosen prompts and thresho
 Unset options keep `training.FinetuneConfig`'s defaults. Reads the current `chart_clip_pretrained` and the data assets
 in --root (after `candle-vlm run`) and writes nothing there. With --pretrain-steps, --text-whitening or --caption-pool
 it pre-trains afresh instead, as `chart_clip_pretrained` does with those settings (and --batch-size) changed, and
-reports the pre-trained model too.
-Besides the test summary it prints the validation mean average precision of the core patterns' cosine scores against
-their whole prompt ensembles (no prompt selection, no threshold): a threshold-free figure to compare settings by.
+reports the pre-trained model too. Besides the test summary it prints the validation mean average precision of the
+core patterns' cosine scores against their whole prompt ensembles (no prompt selection, no threshold): a
+threshold-free figure to compare settings by.
 """
 
 from __future__ import annotations
@@ -38,21 +38,22 @@ def whitening(value: str) -> float | None:
 
 
 def pretrain(artifacts, args) -> tuple[object, dict]:
-    """A fresh pre-training run: `chart_clip_pretrained`'s defaults with the pre-training options changed."""
+    """A fresh pre-training run, configured as `chart_clip_pretrained` is, with the pre-training options changed."""
     from vlm_assets import model as chart_model
     from vlm_assets import training
-    from vlm_assets.pipeline.model import training_windows
+    from vlm_assets.pipeline.model import PretrainAssetConfig, training_windows
 
-    default = training.PretrainConfig()
-    optim = dataclasses.replace(default.optim, steps=args.pretrain_steps or default.optim.steps,
-                                batch_size=args.batch_size or default.optim.batch_size)
-    config = dataclasses.replace(default, optim=optim, caption_pool=args.caption_pool or default.caption_pool,
-                                 text_whitening=default.text_whitening if args.text_whitening is None
-                                 else whitening(args.text_whitening))
-    clip = chart_model.create(chart_model.ModelSpec(), args.device, seed=optim.seed)
+    given = {"steps": args.pretrain_steps, "batch_size": args.batch_size, "caption_pool": args.caption_pool}
+    changed = {name: value for name, value in given.items() if value is not None}
+    if args.text_whitening is not None:  # "off" is None, a setting of its own
+        changed["text_whitening"] = whitening(args.text_whitening)
+    asset_config = PretrainAssetConfig(**changed)
+    config = asset_config.training()
+    clip = chart_model.create(chart_model.ModelSpec(asset_config.model_name, asset_config.pretrained or None),
+                              args.device, seed=asset_config.seed)
     started = time.perf_counter()
     result = training.pretrain(clip, training_windows(artifacts, config.stream), config)
-    return clip, {"steps": optim.steps, "text_whitening": result.extra["text_whitening"],
+    return clip, {"steps": config.optim.steps, "text_whitening": result.extra["text_whitening"],
                   "train_seconds": round(time.perf_counter() - started, 1)}
 
 
