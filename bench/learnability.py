@@ -7,10 +7,11 @@ Trains the image tower plus one linear head on the training stream of `vlm_asset
 the train split, randomized styles unless --style-share < 1): multi-label BCE on the 9 core patterns plus the
 anatomy regression targets (with --margin-weight, also the core rules' margins, as fine-tuning regresses them).
 Every --eval-every steps it prints the validation split's mean average precision over the core patterns (stored
-dataset images). `hybrid` is the tower of the default, ChartCLIP-S-hybrid, and `convstem` ChartCLIP-S's
-(vlm_assets.image_tower); the others are towers they were compared with: `plain` (a ViT with one 32x32 linear patch
-embedding), `cnn`, `columns`, `profile` and two other trunk widths of the hybrid. Needs the data assets in --root
-(`candle-vlm run` or bench/dataset.py).
+dataset images). At the end it scores issue 3's detection floors as model_evaluation does (max-F1 thresholds chosen
+on validation, applied to the test split): macro and lowest recall, macro precision, neutral precision. `hybrid` is
+the tower of the default, ChartCLIP-S-hybrid, and `convstem` ChartCLIP-S's (vlm_assets.image_tower); the others are
+towers they were compared with: `plain` (a ViT with one 32x32 linear patch embedding), `cnn`, `columns`, `profile`
+and two other trunk widths of the hybrid. Needs the data assets in --root (`candle-vlm run` or bench/dataset.py).
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def run(args) -> dict:
     from PIL import Image
     from sklearn.metrics import average_precision_score
 
+    from vlm_assets import evaluation as ev
     from vlm_assets import model as chart_model
     from vlm_assets import training
     from vlm_assets.labeling import CORE_PATTERNS
@@ -177,8 +179,9 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     artifacts = ArtifactStore(args.root)
     windows = training_windows(artifacts, training.StreamConfig())
-    val = dataset_windows(artifacts)
-    val = val[val["split"] == "val"].reset_index(drop=True)
+    stored = dataset_windows(artifacts)
+    val = stored[stored["split"] == "val"].reset_index(drop=True)
+    test = stored[stored["split"] == "test"].reset_index(drop=True)
     preprocess = chart_model.create(device="cpu").preprocess
     tower = build_tower(args.tower)
     n_core, n_anatomy = len(CORE_PATTERNS), len(training.ANATOMY_TARGETS)
@@ -188,18 +191,25 @@ def run(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
     schedule = training.OptimConfig(steps=args.steps, warmup_steps=50)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: training._schedule(s, schedule))
-    val_pixels = torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for png in val["png"]])
+    def pixels_of(frame):
+        return torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for png in frame["png"]])
+
+    val_pixels, test_pixels = pixels_of(val), pixels_of(test)
     val_truth = val[list(CORE_PATTERNS)].to_numpy(bool)
     rng = np.random.default_rng(1 + args.seed)
     dataset = training._RenderedWindows(windows, preprocess, captions=False)
 
-    def evaluate() -> float:
+    def core_scores(pixels) -> np.ndarray:
         tower.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            scores = torch.cat([head(tower(val_pixels[i:i + 128]))[:, :len(CORE_PATTERNS)].float()
-                                for i in range(0, len(val_pixels), 128)]).numpy()
+            scores = torch.cat([head(tower(pixels[i:i + 128]))[:, :n_core].float()
+                                for i in range(0, len(pixels), 128)]).numpy()
         tower.train()
-        return float(np.mean([average_precision_score(val_truth[:, j], scores[:, j]) for j in range(len(CORE_PATTERNS))]))
+        return scores
+
+    def evaluate() -> float:
+        scores = core_scores(val_pixels)
+        return float(np.mean([average_precision_score(val_truth[:, j], scores[:, j]) for j in range(n_core)]))
 
     curve, started = [], time.perf_counter()
     tower.train()
@@ -226,10 +236,20 @@ def run(args) -> dict:
             curve.append({"step": step + 1, "val_map": round(evaluate(), 4), "loss": round(float(loss.detach()), 4),
                           "seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(curve[-1]), flush=True)
+    # issue 3's detection floors for the probe's head, by model_evaluation's protocol (max-F1 thresholds from val)
+    _, detection, neutral = ev.detection_on_test(val_truth, core_scores(val_pixels),
+                                                 test[list(CORE_PATTERNS)].to_numpy(bool), core_scores(test_pixels),
+                                                 CORE_PATTERNS)
+    per_pattern = detection.drop(index=["macro", "micro"])
+    floors = {"test_charts": len(test), "macro_recall": round(float(detection.loc["macro", "recall"]), 4),
+              "macro_precision": round(float(detection.loc["macro", "precision"]), 4),
+              "min_recall": round(float(per_pattern["recall"].min()), 4),
+              "min_recall_pattern": str(per_pattern["recall"].idxmin()),
+              "neutral_precision": round(float(neutral["precision"]), 4) if neutral["precision"] is not None else None}
     base_rate = float(val_truth.mean())
     return {"tower": args.tower, "style_share": args.style_share, "lr": args.lr, "steps": args.steps,
             "margin_weight": args.margin_weight,
-            "val_base_rate": round(base_rate, 4), "curve": curve}
+            "val_base_rate": round(base_rate, 4), "curve": curve, "test_floors": floors}
 
 
 def main() -> int:
@@ -250,6 +270,11 @@ def main() -> int:
     print("| step | val mean AP | loss | seconds |\n|---|---|---|---|")
     for row in report["curve"]:
         print(f"| {row['step']} | {row['val_map']:.3f} | {row['loss']:.3f} | {row['seconds']} |")
+    floors = report["test_floors"]
+    print("\n| test (val max-F1 thresholds) | macro recall | lowest recall | macro precision | neutral precision |\n"
+          "|---|---|---|---|---|\n"
+          f"| probe | {floors['macro_recall']:.3f} | {floors['min_recall']:.3f} ({floors['min_recall_pattern']}) | "
+          f"{floors['macro_precision']:.3f} | {floors['neutral_precision']} |")
     return 0
 
 

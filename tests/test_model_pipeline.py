@@ -220,3 +220,20 @@ def test_finetune_ablation_bench_can_pretrain_afresh_with_its_own_settings(run):
     assert report["steps"] == 1 and 0.0 <= report["val_mean_ap"] <= 1.0
     assert sorted(str(p) for p in root.rglob("*") if p.is_file()) == before
     assert finetune_bench.whitening("off") is None and finetune_bench.whitening("4") == 4.0
+
+
+def test_learnability_probe_scores_the_issue_floors_on_the_test_split(run):
+    import argparse
+
+    from bench import learnability
+
+    root, _ = run
+    windows = pd.read_parquet(root / "vlm_dataset" / ArtifactStore(root).current_version("vlm_dataset") / "windows.parquet")
+    args = argparse.Namespace(root=root, tower="hybrid", steps=2, batch_size=6, lr=1e-3, style_share=1.0,
+                              eval_every=1, seed=0, margin_weight=0.0)
+    report = learnability.run(args)
+    assert [row["step"] for row in report["curve"]] == [1, 2]
+    floors = report["test_floors"]
+    assert floors["test_charts"] == int((windows["split"] == "test").sum()) > 0
+    assert floors["min_recall_pattern"] in CORE_PATTERNS
+    assert 0.0 <= floors["min_recall"] <= floors["macro_recall"] <= 1.0 and 0.0 <= floors["macro_precision"] <= 1.0
