@@ -228,7 +228,8 @@ def test_learnability_probe_scores_the_issue_floors_on_the_test_split(run):
     from bench import learnability
 
     root, _ = run
-    windows = pd.read_parquet(root / "vlm_dataset" / ArtifactStore(root).current_version("vlm_dataset") / "windows.parquet")
+    dataset_dir = root / "vlm_dataset" / ArtifactStore(root).current_version("vlm_dataset")
+    windows = pd.read_parquet(dataset_dir / "windows.parquet")
     args = argparse.Namespace(root=root, tower="hybrid", steps=2, batch_size=6, lr=1e-3, style_share=1.0,
                               eval_every=1, seed=0, margin_weight=0.0)
     report = learnability.run(args)
@@ -236,4 +237,5 @@ def test_learnability_probe_scores_the_issue_floors_on_the_test_split(run):
     floors = report["test_floors"]
     assert floors["test_charts"] == int((windows["split"] == "test").sum()) > 0
     assert floors["min_recall_pattern"] in CORE_PATTERNS
+    assert 0 <= floors["neutral_predicted"] <= floors["test_charts"]
     assert 0.0 <= floors["min_recall"] <= floors["macro_recall"] <= 1.0 and 0.0 <= floors["macro_precision"] <= 1.0
